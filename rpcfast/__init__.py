@@ -1,0 +1,40 @@
+"""rpcfast: low-latency RPC for trio.
+
+Define a service with a Cap'n Proto interface and a Python class, serve it on UDP, ZeroMQ or
+in-process endpoints, and call it with ``await``. See README.md.
+"""
+
+from rpcfast._client import Connection, Stub, connect
+from rpcfast._errors import (
+    PeerDead,
+    RemoteError,
+    RpcError,
+    RpcTimeout,
+    ServiceError,
+    Status,
+)
+from rpcfast._schema import Body, load_schema
+from rpcfast._server import Server, serve
+from rpcfast._service import Service, fast
+from rpcfast._trace import TimeTrace
+from rpcfast.dispatch import DispatchConfig
+
+__all__ = [
+    "Body",
+    "Connection",
+    "DispatchConfig",
+    "PeerDead",
+    "RemoteError",
+    "RpcError",
+    "RpcTimeout",
+    "Server",
+    "Service",
+    "ServiceError",
+    "Status",
+    "Stub",
+    "TimeTrace",
+    "connect",
+    "fast",
+    "load_schema",
+    "serve",
+]

@@ -1,0 +1,172 @@
+"""Calling services.
+
+    async with rpcfast.connect("udp://127.0.0.1:5000") as conn:
+        echo = conn.stub(echo_capnp.Echo)
+        reply = await echo.echo(data=b"hi")       # a Body; reply.data is a memoryview
+        await echo.ping(timeout=0.5)               # empty results return None
+
+Many calls may be outstanding on one connection (from many tasks). A call first drives the
+dispatcher inline for ``DispatchConfig.call_spin`` seconds (no task switch: the fast path), then
+sleeps until its response, its deadline, or cancellation. Cancelling the surrounding cancel scope
+cancels the call and tells the server, which cancels the handler.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from rpcfast import _wire
+from rpcfast._errors import RemoteError, RpcTimeout, Status
+from rpcfast._pending import PendingCall
+from rpcfast._schema import Body, InterfaceSpec, MethodSpec, interface_spec
+from rpcfast._trace import TimeTrace
+from rpcfast.dispatch import current
+from rpcfast.transports import client_transport
+
+_clock = time.perf_counter
+_now_ns = time.perf_counter_ns
+_STATUS = {int(s): s for s in Status}
+
+
+class Connection:
+    """Calls to one remote address. Cheap: transports are shared by all connections."""
+
+    def __init__(
+        self, address: str, *, timeout: float | None = None, trace: TimeTrace | None = None
+    ) -> None:
+        self.dispatcher = current()
+        self.transport, self.peer = client_transport(self.dispatcher, address)
+        self.address = address
+        self.timeout = timeout
+        self.trace = trace
+        self._closed = False
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def stub(self, interface: Any) -> Stub:
+        """Methods of ``interface`` (a pycapnp interface or a Service class) as coroutines."""
+        spec = interface.spec if isinstance(getattr(interface, "spec", None), InterfaceSpec) else (
+            interface_spec(interface)
+        )
+        return Stub(self, spec)
+
+    async def call(
+        self,
+        spec: InterfaceSpec,
+        method: MethodSpec,
+        params: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> Body | None:
+        """Call ``method``; ``params`` is None, a mapping of fields, or a params builder."""
+        body = method.params.encode(params)
+        trace = self.trace
+        flags = _wire.FLAG_TRACE if trace is not None else 0
+        header = _wire.REQUEST.pack(spec.service_id, method.ordinal, flags)
+        payload = await self.call_raw([header, body], timeout=timeout)
+        status, rflags, code = _wire.RESPONSE.unpack_from(payload)
+        offset = _wire.HEADER_SIZE
+        if rflags & _wire.FLAG_TRACE:
+            stamps = _wire.TRACE.unpack_from(payload, offset)
+            offset += _wire.TRACE.size
+            if trace is not None:
+                trace.add((self._last_sent_ns, *stamps, self._last_recv_ns))
+        if status != Status.OK:
+            message = bytes(payload[offset:]).decode("utf-8", "replace")
+            raise RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message, code)
+        return method.results.decode(payload[offset:])
+
+    _last_sent_ns = 0
+    _last_recv_ns = 0
+
+    async def call_raw(self, message: list[Any], *, timeout: float | None = None) -> memoryview:
+        """Send one request message (scatter list) and return the raw response message."""
+        if self._closed:
+            raise RuntimeError("connection is closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if timeout is None:
+            timeout = self.timeout
+        dispatcher = self.dispatcher
+        pending = PendingCall()
+        start = _clock()
+        sent_ns = _now_ns()
+        self.transport.call(self.peer, message, pending)
+        if not pending.done:
+            spin_until = start + dispatcher.config.call_spin
+            if timeout is not None and start + timeout < spin_until:
+                spin_until = start + timeout
+            poll_once = dispatcher.poll_once
+            while not pending.done:
+                poll_once()
+                if _clock() > spin_until:
+                    break
+            if not pending.done:
+                await self._sleep_until_done(pending, start, timeout)
+        if self.trace is not None:
+            self._last_sent_ns = sent_ns
+            self._last_recv_ns = _now_ns()
+        if pending.error is not None:
+            raise pending.error
+        payload = pending.payload
+        assert payload is not None
+        return payload
+
+    async def _sleep_until_done(
+        self, pending: PendingCall, start: float, timeout: float | None
+    ) -> None:
+        event = pending.event = trio.Event()
+        pending.waker = self.dispatcher.request_yield
+        deadline = trio.current_time() + (timeout - (_clock() - start)) if timeout else math.inf
+        try:
+            with trio.move_on_at(deadline):
+                await event.wait()
+        except BaseException:  # cancelled from outside: tell the server
+            if not pending.done:
+                self.transport.cancel(pending)
+            raise
+        if not pending.done:
+            self.transport.cancel(pending)
+            raise RpcTimeout(f"no response from {self.address} within {timeout} s")
+
+
+class Stub:
+    """``await stub.method(**fields, timeout=None)`` for every method of an interface."""
+
+    def __init__(self, connection: Connection, spec: InterfaceSpec) -> None:
+        self._connection = connection
+        self._spec = spec
+
+    def __getattr__(self, name: str) -> Any:
+        method = self._spec.by_name.get(name)
+        if method is None:
+            raise AttributeError(f"{self._spec.name} has no method {name!r}")
+        connection, spec = self._connection, self._spec
+
+        async def call(
+            _params: Mapping[str, Any] | None = None, /, *, timeout: float | None = None, **fields: Any
+        ) -> Body | None:
+            return await connection.call(spec, method, _params or fields or None, timeout=timeout)
+
+        call.__name__ = name
+        setattr(self, name, call)
+        return call
+
+
+def connect(address: str, *, timeout: float | None = None, trace: TimeTrace | None = None) -> Connection:
+    """A connection to ``address``; usable directly or as ``async with``. Must run inside trio."""
+    return Connection(address, timeout=timeout, trace=trace)

@@ -1,0 +1,48 @@
+"""A client call in flight: the one object a transport completes or fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from rpcfast._errors import RpcError
+
+
+class PendingCall:
+    """Plain slotted object (no attrs on the per-call hot path).
+
+    A transport calls exactly one of :meth:`complete` or :meth:`fail`. The caller spins on
+    ``done`` first and only creates the trio ``Event`` when it has to sleep.
+    """
+
+    __slots__ = ("done", "error", "event", "handle", "payload", "sent_ns", "waker")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.payload: memoryview | None = None
+        self.error: RpcError | None = None
+        self.event: trio.Event | None = None
+        self.handle: Any = None
+        self.sent_ns = 0
+        self.waker: Any = None
+
+    def complete(self, payload: memoryview) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.payload = payload
+        if self.event is not None:
+            self.event.set()
+            if self.waker is not None:
+                self.waker()
+
+    def fail(self, error: RpcError) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.error = error
+        if self.event is not None:
+            self.event.set()
+            if self.waker is not None:
+                self.waker()

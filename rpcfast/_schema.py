@@ -1,0 +1,182 @@
+"""Cap'n Proto schemas as an IDL: interfaces name the methods, structs are the wire bodies.
+
+Cap'n Proto objects stay at this codec boundary. An interface becomes an :class:`InterfaceSpec`
+(service id, methods by ordinal); each method has param/result codecs. Empty structs are sent as
+empty bodies and never touch capnp (the null RPC is the latency-critical path).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import attrs
+import capnp  # type: ignore[import-untyped,unused-ignore]
+from capnp.lib import capnp as _capnp_lib  # type: ignore[import-untyped,unused-ignore]
+
+_SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
+_loaded: dict[str, Any] = {}
+
+
+def schema_dir() -> str:
+    """The repository's ``schemas/`` directory."""
+    return _SCHEMA_DIR
+
+
+def load_schema(path: str) -> Any:
+    """Load (once) a ``.capnp`` file; a bare file name is looked up in ``schemas/``."""
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(_SCHEMA_DIR, path)
+    path = os.path.abspath(path)
+    module = _loaded.get(path)
+    if module is None:
+        module = capnp.load(path, imports=[_SCHEMA_DIR])
+        _loaded[path] = module
+    return module
+
+
+class Body:
+    """A decoded message body; ``Data`` fields are handed out as zero-copy memoryviews.
+
+    Valid while the message it was read from is alive (the caller keeps the receive buffer).
+    Other fields read through to the Cap'n Proto reader.
+    """
+
+    __slots__ = ("_ctx", "_data_fields", "_reader")
+
+    def __init__(self, reader: Any, ctx: AbstractContextManager[Any], data_fields: frozenset[str]):
+        self._reader = reader
+        self._ctx = ctx
+        self._data_fields = data_fields
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._data_fields:
+            return self._reader.get_data_as_view(name)
+        return getattr(self._reader, name)
+
+    @property
+    def reader(self) -> Any:
+        """The underlying Cap'n Proto reader (for nested structs and lists)."""
+        return self._reader
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._reader.to_dict())
+
+    def close(self) -> None:
+        """Release the reader; the body must not be used afterwards."""
+        ctx, self._ctx = self._ctx, None  # type: ignore[assignment]
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    def __repr__(self) -> str:
+        return f"Body({self._reader})"
+
+
+EMPTY_BODY: bytes = b""
+
+
+@attrs.frozen
+class StructCodec:
+    """Encodes keyword arguments or a builder to bytes, and bytes to a :class:`Body`."""
+
+    module: Any
+    name: str
+    empty: bool
+    data_fields: frozenset[str]
+
+    @classmethod
+    def from_schema(cls, struct_schema: Any, name: str) -> StructCodec:
+        fields = list(struct_schema.fields_list)
+        data_fields = frozenset(
+            f.proto.name for f in fields if str(f.proto.slot.type.which) == "data"
+        )
+        module = _capnp_lib._StructModule(struct_schema, name)
+        return cls(module=module, name=name, empty=not fields, data_fields=data_fields)
+
+    def encode(self, value: Any) -> bytes:
+        """``value``: None, a mapping of field values, or a builder of this struct."""
+        if value is None:
+            if self.empty:
+                return EMPTY_BODY
+            value = {}
+        if isinstance(value, Mapping):
+            if not value and self.empty:
+                return EMPTY_BODY
+            value = self.module.new_message(**value)
+        data: bytes = value.to_bytes()
+        return data
+
+    def decode(self, body: memoryview) -> Body | None:
+        """Raise ``capnp.KjException`` (caught by callers) on garbage."""
+        if self.empty and len(body) == 0:
+            return None
+        if len(body) == 0:
+            body = memoryview(self.module.new_message().to_bytes())
+        ctx = self.module.from_bytes(body)
+        try:
+            reader = ctx.__enter__()
+        except capnp.KjException as exc:
+            if "unaligned" not in str(exc):
+                raise
+            ctx = self.module.from_bytes(bytes(body))  # bytes objects are 8-byte aligned
+            reader = ctx.__enter__()
+        return Body(reader, ctx, self.data_fields)
+
+
+@attrs.frozen
+class MethodSpec:
+    name: str
+    ordinal: int
+    params: StructCodec
+    results: StructCodec
+
+
+@attrs.frozen
+class InterfaceSpec:
+    """A Cap'n Proto interface seen as an RPC service: id, name and methods by ordinal."""
+
+    service_id: int
+    name: str
+    methods: tuple[MethodSpec, ...]
+    by_name: Mapping[str, MethodSpec]
+
+    @classmethod
+    def from_interface(cls, interface: Any) -> InterfaceSpec:
+        schema = getattr(interface, "schema", interface)
+        node = schema.node
+        name = node.displayName.split(":")[-1]
+        methods = []
+        for ordinal, method_name in enumerate(schema.method_names):
+            method = schema.methods[method_name]
+            methods.append(
+                MethodSpec(
+                    name=method_name,
+                    ordinal=ordinal,
+                    params=StructCodec.from_schema(method.param_type, f"{name}.{method_name}$Params"),
+                    results=StructCodec.from_schema(
+                        method.result_type, f"{name}.{method_name}$Results"
+                    ),
+                )
+            )
+        return cls(
+            service_id=node.id & 0xFFFFFFFF,
+            name=name,
+            methods=tuple(methods),
+            by_name={m.name: m for m in methods},
+        )
+
+
+_specs: dict[int, InterfaceSpec] = {}
+
+
+def interface_spec(interface: Any) -> InterfaceSpec:
+    """The (cached) spec of a pycapnp interface object."""
+    schema = getattr(interface, "schema", interface)
+    key = schema.node.id
+    spec = _specs.get(key)
+    if spec is None:
+        spec = InterfaceSpec.from_interface(schema)
+        _specs[key] = spec
+    return spec

@@ -1,0 +1,232 @@
+"""Serving services on transports.
+
+    async with rpcfast.serve([Echo()], ["udp://127.0.0.1:0", "zmq://127.0.0.1:0"]) as server:
+        print(server.addresses)
+        await trio.sleep_forever()
+
+The server is the transports' request sink. Requests are answered inline by ``@fast`` handlers,
+or by a task per request for ``async def`` handlers; either way errors become typed responses and
+never escape into the dispatcher. Leaving the ``async with`` block shuts down gracefully: new
+requests are refused with SHUTTING_DOWN, running handlers get ``grace`` seconds, then are
+cancelled, then the endpoints close.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import capnp  # type: ignore[import-untyped,unused-ignore]
+import trio
+
+from rpcfast import _wire
+from rpcfast._errors import ServiceError, Status
+from rpcfast._schema import MethodSpec
+from rpcfast._service import Service
+from rpcfast.dispatch import DispatchConfig, Dispatcher, current
+from rpcfast.transports import Transport, open_transport
+
+log = logging.getLogger("rpcfast.server")
+
+_OK = _wire.RESPONSE.pack(Status.OK, 0, 0)
+_now_ns = time.perf_counter_ns
+
+Handler = tuple[MethodSpec, Callable[[Any], Any], bool]
+
+
+@attrs.define
+class ServerStats:
+    requests: int = 0
+    fast_requests: int = 0
+    task_requests: int = 0
+    errors: int = 0
+    malformed: int = 0
+    unknown: int = 0
+    aborted: int = 0
+    refused: int = 0
+
+
+def _error_response(status: Status, message: str, code: int = 0) -> list[bytes]:
+    return [_wire.RESPONSE.pack(status, 0, code), message.encode("utf-8", "replace")[:4096]]
+
+
+class Server:
+    """Routes requests from its transports to service handlers. Made by :func:`serve`."""
+
+    def __init__(self, dispatcher: Dispatcher, services: Sequence[Service]) -> None:
+        self.dispatcher = dispatcher
+        self.stats = ServerStats()
+        self.transports: list[Transport] = []
+        self._services: dict[int, list[Handler]] = {}
+        for service in services:
+            spec = service.spec
+            if spec.service_id in self._services:
+                raise ValueError(f"two services implement {spec.name}")
+            self._services[spec.service_id] = [
+                (method, fn, fast)
+                for method, (fn, fast) in zip(spec.methods, service.handlers(), strict=True)
+            ]
+        self._nursery: trio.Nursery | None = None
+        self._inflight: dict[tuple[int, Any], trio.CancelScope] = {}
+        self._closing = False
+
+    @property
+    def addresses(self) -> list[str]:
+        return [t.address for t in self.transports]
+
+    def listen(self, address: str) -> Transport:
+        transport = open_transport(self.dispatcher, address)
+        transport.sink = self
+        self.transports.append(transport)
+        return transport
+
+    # -- the request path (called from Transport.poll) ---------------------------------------------
+    def on_request(self, transport: Transport, token: Any, message: memoryview) -> None:
+        recv_ns = _now_ns()
+        self.stats.requests += 1
+        if len(message) < _wire.HEADER_SIZE:
+            self.stats.malformed += 1
+            transport.reply(token, _error_response(Status.MALFORMED_REQUEST, "short header"))
+            return
+        service_id, ordinal, flags = _wire.REQUEST.unpack_from(message)
+        handlers = self._services.get(service_id)
+        if handlers is None or ordinal >= len(handlers):
+            self.stats.unknown += 1
+            status = Status.UNKNOWN_SERVICE if handlers is None else Status.UNKNOWN_METHOD
+            what = f"service {service_id:#x}" if handlers is None else f"method {ordinal}"
+            transport.reply(token, _error_response(status, f"no {what} here"))
+            return
+        if self._closing:
+            self.stats.refused += 1
+            transport.reply(token, _error_response(Status.SHUTTING_DOWN, "server is stopping"))
+            return
+        method, fn, fast = handlers[ordinal]
+        body = message[_wire.HEADER_SIZE :]
+        if fast:
+            self.stats.fast_requests += 1
+            start_ns = _now_ns()
+            response = self._run_fast(method, fn, body)
+            if flags & _wire.FLAG_TRACE:
+                response = self._traced(response, recv_ns, start_ns)
+            transport.reply(token, response)
+        else:
+            self.stats.task_requests += 1
+            nursery = self._nursery
+            assert nursery is not None
+            scope = trio.CancelScope()
+            key = (id(transport), token)
+            self._inflight[key] = scope
+            nursery.start_soon(
+                self._run_task, transport, token, key, scope, method, fn, body, flags, recv_ns
+            )
+            self.dispatcher.request_yield()
+
+    def on_aborted(self, transport: Transport, token: Any) -> None:
+        scope = self._inflight.get((id(transport), token))
+        if scope is not None:
+            self.stats.aborted += 1
+            scope.cancel()
+
+    @staticmethod
+    def _traced(response: list[Any], recv_ns: int, start_ns: int) -> list[Any]:
+        end_ns = _now_ns()
+        status, _flags, code = _wire.RESPONSE.unpack(response[0])
+        head = _wire.RESPONSE.pack(status, _wire.FLAG_TRACE, code)
+        stamps = _wire.TRACE.pack(recv_ns, start_ns, end_ns, _now_ns())
+        return [head, stamps, *response[1:]]
+
+    def _run_fast(self, method: MethodSpec, fn: Callable[[Any], Any], body: memoryview) -> list[Any]:
+        request = None
+        try:
+            request = method.params.decode(body)
+            result = fn(request)
+            return [_OK, method.results.encode(result)]
+        except Exception as exc:
+            return self._failure(method, exc)
+        finally:
+            if request is not None:
+                request.close()
+
+    async def _run_task(
+        self,
+        transport: Transport,
+        token: Any,
+        key: tuple[int, Any],
+        scope: trio.CancelScope,
+        method: MethodSpec,
+        fn: Callable[[Any], Any],
+        body: memoryview,
+        flags: int,
+        recv_ns: int,
+    ) -> None:
+        start_ns = _now_ns()
+        request = None
+        response: list[Any] | None = None
+        try:
+            with scope:
+                try:
+                    request = method.params.decode(body)
+                    result = await fn(request)
+                    response = [_OK, method.results.encode(result)]
+                except Exception as exc:
+                    response = self._failure(method, exc)
+        finally:
+            self._inflight.pop(key, None)
+            if request is not None:
+                request.close()
+        if response is None:  # cancelled: the client aborted (no one to answer) or shutdown
+            if self._closing:
+                transport.reply(token, _error_response(Status.CANCELLED, "server stopped"))
+            return
+        if flags & _wire.FLAG_TRACE:
+            response = self._traced(response, recv_ns, start_ns)
+        transport.reply(token, response)
+
+    def _failure(self, method: MethodSpec, exc: Exception) -> list[bytes]:
+        self.stats.errors += 1
+        if isinstance(exc, ServiceError):
+            return _error_response(Status.APPLICATION_ERROR, str(exc), exc.code)
+        if isinstance(exc, capnp.KjException):
+            self.stats.malformed += 1
+            return _error_response(Status.MALFORMED_REQUEST, f"{method.name}: {exc}")
+        log.exception("handler %s failed", method.name)
+        return _error_response(Status.INTERNAL_ERROR, f"{method.name}: {type(exc).__name__}: {exc}")
+
+    async def _shutdown(self, grace: float) -> None:
+        self._closing = True
+        with trio.move_on_after(grace):
+            while self._inflight:
+                await trio.sleep(0.001)
+        for scope in list(self._inflight.values()):
+            scope.cancel()
+
+
+@asynccontextmanager
+async def serve(
+    services: Sequence[Service],
+    addresses: Sequence[str],
+    *,
+    grace: float = 1.0,
+    dispatch: DispatchConfig | None = None,
+) -> AsyncIterator[Server]:
+    """Serve ``services`` on every address (``udp://host:port``, ``zmq://host:port``,
+    ``inproc://name``; port 0 picks a free one) for the duration of the block."""
+    server = Server(current(dispatch), services)
+    try:
+        async with trio.open_nursery() as nursery:
+            server._nursery = nursery
+            for address in addresses:
+                server.listen(address)
+            try:
+                yield server
+            finally:
+                with trio.CancelScope(shield=True):
+                    await server._shutdown(grace)
+    finally:
+        for transport in server.transports:
+            server.dispatcher.remove_transport(transport)
+            transport.close()

@@ -1,0 +1,256 @@
+"""Seglets, the seglet allocator with its reserve pools, and in-memory segments.
+
+All log memory is one arena cut into fixed-size seglets. A segment is an ordered list of seglets, so
+a compacted segment can shrink to fewer seglets without a general-purpose allocator (paper section
+5.1). Entries never cross a segment boundary but may cross seglet boundaries; the read paths hand
+out a zero-copy ``memoryview`` when an entry lies inside one seglet and a copy otherwise.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from services.kvstore.log._entries import Buffer
+
+
+class Pool(enum.IntEnum):
+    """Seglet pools. Freed seglets refill EMERGENCY_HEAD, then CLEANER, then DEFAULT."""
+
+    DEFAULT = 0
+    CLEANER = 1
+    EMERGENCY_HEAD = 2
+
+
+class SegletAllocator:
+    """Owns the arena and hands out seglet numbers from three pools.
+
+    The CLEANER pool is the survivor reserve and EMERGENCY_HEAD holds two head segments' worth, so
+    the cleaner can always make progress and the log can always roll over to write a new digest
+    (paper section 7). Refilling the reserves first on every free keeps them full.
+    """
+
+    def __init__(
+        self, total_seglets: int, seglet_size: int, emergency_seglets: int, cleaner_seglets: int
+    ) -> None:
+        if emergency_seglets + cleaner_seglets >= total_seglets:
+            raise ValueError("reserves leave no seglets for the DEFAULT pool")
+        self.seglet_size = seglet_size
+        self.total_seglets = total_seglets
+        self.arena = np.zeros(total_seglets * seglet_size, dtype=np.uint8)
+        self.view = memoryview(self.arena)
+        order = list(range(total_seglets - 1, -1, -1))  # pop() hands out low numbers first
+        self._targets = {
+            Pool.EMERGENCY_HEAD: emergency_seglets,
+            Pool.CLEANER: cleaner_seglets,
+            Pool.DEFAULT: total_seglets - emergency_seglets - cleaner_seglets,
+        }
+        self._free: dict[Pool, list[int]] = {
+            Pool.EMERGENCY_HEAD: order[total_seglets - emergency_seglets :],
+            Pool.CLEANER: order[
+                total_seglets - emergency_seglets - cleaner_seglets : total_seglets
+                - emergency_seglets
+            ],
+            Pool.DEFAULT: order[: total_seglets - emergency_seglets - cleaner_seglets],
+        }
+
+    def capacity(self, pool: Pool) -> int:
+        """Seglets the pool holds when nothing is allocated from it."""
+        return self._targets[pool]
+
+    def free_count(self, pool: Pool) -> int:
+        return len(self._free[pool])
+
+    def total_free(self) -> int:
+        return sum(len(v) for v in self._free.values())
+
+    def alloc(self, pool: Pool, count: int) -> list[int] | None:
+        """Take ``count`` seglets from ``pool``, or None (taking nothing) if it has fewer."""
+        free = self._free[pool]
+        if len(free) < count:
+            return None
+        taken = free[len(free) - count :]
+        del free[len(free) - count :]
+        taken.reverse()
+        return taken
+
+    def free(self, seglets: Iterable[int]) -> None:
+        """Return seglets, refilling the emergency and cleaner reserves before DEFAULT."""
+        emergency = self._free[Pool.EMERGENCY_HEAD]
+        cleaner = self._free[Pool.CLEANER]
+        default = self._free[Pool.DEFAULT]
+        e_target = self._targets[Pool.EMERGENCY_HEAD]
+        c_target = self._targets[Pool.CLEANER]
+        for s in seglets:
+            if len(emergency) < e_target:
+                emergency.append(s)
+            elif len(cleaner) < c_target:
+                cleaner.append(s)
+            else:
+                default.append(s)
+
+
+class SegmentState(enum.Enum):
+    HEAD = "head"
+    CLOSED = "closed"  # in the log, cleanable
+    SURVIVOR = "survivor"  # written by the cleaner, joins the log at the next digest
+    COMPACTING = "compacting"  # a compaction target; replaces its source when done
+    EMERGENCY_HEAD = "emergency-head"  # digest only, never cleaned, freed at the next roll-over
+    FREED = "freed"  # waiting for in-flight reads to end before its seglets are reused
+
+
+class Segment:
+    """One segment in memory: its seglets, fill level and live-byte accounting.
+
+    ``live_bytes`` counts live objects and live tombstones in this segment; ``capacity`` is the
+    logical size (the full segment size: compaction shrinks memory, not the segment on backups).
+    """
+
+    __slots__ = (
+        "_bases",
+        "_mv",
+        "capacity",
+        "created",
+        "id",
+        "length",
+        "live_bytes",
+        "seglet_size",
+        "seglets",
+        "slot",
+        "state",
+        "tombstone_bytes",
+    )
+
+    def __init__(
+        self,
+        segment_id: int,
+        slot: int,
+        seglets: list[int],
+        arena: memoryview,
+        seglet_size: int,
+        capacity: int,
+        created: float,
+        state: SegmentState,
+    ) -> None:
+        self.id = segment_id
+        self.slot = slot
+        self.seglets = seglets
+        self._mv = arena
+        self.seglet_size = seglet_size
+        self._bases = [s * seglet_size for s in seglets]
+        self.capacity = capacity
+        self.length = 0
+        self.live_bytes = 0
+        self.tombstone_bytes = 0
+        self.created = created
+        self.state = state
+
+    def __repr__(self) -> str:
+        return (
+            f"Segment(id={self.id}, slot={self.slot}, state={self.state.value}, "
+            f"length={self.length}, live={self.live_bytes}, seglets={len(self.seglets)})"
+        )
+
+    @property
+    def allocated_bytes(self) -> int:
+        return len(self.seglets) * self.seglet_size
+
+    def room(self) -> int:
+        """Bytes that can still be appended with the seglets already held."""
+        return min(self.capacity, self.allocated_bytes) - self.length
+
+    def grow(self, seglets: list[int]) -> None:
+        self.seglets.extend(seglets)
+        self._bases.extend(s * self.seglet_size for s in seglets)
+
+    def trim(self) -> list[int]:
+        """Drop (and return) the trailing seglets that hold no bytes."""
+        keep = max(1, -(-self.length // self.seglet_size))
+        spare = self.seglets[keep:]
+        del self.seglets[keep:]
+        del self._bases[keep:]
+        return spare
+
+    def append(self, parts: list[Buffer]) -> int:
+        """Copy ``parts`` back to back at the end; return where they start. Caller checks room."""
+        start = self.length
+        offset = start
+        for part in parts:
+            n = len(part)
+            if n:
+                self.write(offset, part)
+                offset += n
+        self.length = offset
+        return start
+
+    def write(self, offset: int, data: Buffer) -> None:
+        size = self.seglet_size
+        mv = self._mv
+        n = len(data)
+        idx, off = divmod(offset, size)
+        if off + n <= size:
+            pos = self._bases[idx] + off
+            mv[pos : pos + n] = data
+            return
+        src = memoryview(data).cast("B")
+        done = 0
+        while done < n:
+            chunk = min(size - off, n - done)
+            pos = self._bases[idx] + off
+            mv[pos : pos + chunk] = src[done : done + chunk]
+            done += chunk
+            idx += 1
+            off = 0
+
+    def read(self, offset: int, n: int) -> Buffer:
+        """Bytes ``[offset, offset+n)``: a view into the arena if inside one seglet, else a copy."""
+        size = self.seglet_size
+        idx, off = divmod(offset, size)
+        if off + n <= size:
+            pos = self._bases[idx] + off
+            return self._mv[pos : pos + n]
+        out = bytearray(n)
+        done = 0
+        mv = self._mv
+        while done < n:
+            chunk = min(size - off, n - done)
+            pos = self._bases[idx] + off
+            out[done : done + chunk] = mv[pos : pos + chunk]
+            done += chunk
+            idx += 1
+            off = 0
+        return bytes(out)
+
+    def entry_at(self, offset: int) -> tuple[int, memoryview, int, int, int]:
+        """Decode the entry at ``offset``: ``(type, buffer, content_start, content_len, total)``.
+
+        ``buffer[content_start : content_start + content_len]`` is the content; the buffer is the
+        arena itself when the entry lies in one seglet (zero copy), else a private copy.
+        """
+        size = self.seglet_size
+        idx, off = divmod(offset, size)
+        mv = self._mv
+        pos = self._bases[idx] + off
+        first = mv[pos]
+        nlen = (first >> 6) + 1
+        if off + 1 + nlen <= size:
+            length = (
+                mv[pos + 1] if nlen == 1 else int.from_bytes(mv[pos + 1 : pos + 1 + nlen], "little")
+            )
+        else:
+            length = int.from_bytes(self.read(offset + 1, nlen), "little")
+        total = 1 + nlen + length
+        if off + total <= size:
+            return first & 0x3F, mv, pos + 1 + nlen, length, total
+        return first & 0x3F, memoryview(self.read(offset + 1 + nlen, length)), 0, length, total
+
+    def entries(self, start: int = 0) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(offset, type, total_size)`` for each entry from ``start`` to the fill level."""
+        offset = start
+        end = self.length
+        while offset < end:
+            entry_type, _buf, _pos, _n, total = self.entry_at(offset)
+            yield offset, entry_type, total
+            offset += total

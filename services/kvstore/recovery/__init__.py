@@ -1,0 +1,1 @@
+"""Crash recovery for the key-value store (partitioning, recovery segments, replay)."""
