@@ -26,6 +26,7 @@ class Subcommand(Protocol):
 
 SUBCOMMANDS: dict[str, str] = {
     "rpc": "perf.rpc",
+    "demo": "perf.demo",
 }
 """Subcommand name -> module implementing the ``Subcommand`` protocol."""
 

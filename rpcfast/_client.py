@@ -60,8 +60,10 @@ class Connection:
 
     def stub(self, interface: Any) -> Stub:
         """Methods of ``interface`` (a pycapnp interface or a Service class) as coroutines."""
-        spec = interface.spec if isinstance(getattr(interface, "spec", None), InterfaceSpec) else (
-            interface_spec(interface)
+        spec = (
+            interface.spec
+            if isinstance(getattr(interface, "spec", None), InterfaceSpec)
+            else (interface_spec(interface))
         )
         return Stub(self, spec)
 
@@ -158,7 +160,11 @@ class Stub:
         connection, spec = self._connection, self._spec
 
         async def call(
-            _params: Mapping[str, Any] | None = None, /, *, timeout: float | None = None, **fields: Any
+            _params: Mapping[str, Any] | None = None,
+            /,
+            *,
+            timeout: float | None = None,
+            **fields: Any,
         ) -> Body | None:
             return await connection.call(spec, method, _params or fields or None, timeout=timeout)
 
@@ -167,6 +173,8 @@ class Stub:
         return call
 
 
-def connect(address: str, *, timeout: float | None = None, trace: TimeTrace | None = None) -> Connection:
+def connect(
+    address: str, *, timeout: float | None = None, trace: TimeTrace | None = None
+) -> Connection:
     """A connection to ``address``; usable directly or as ``async with``. Must run inside trio."""
     return Connection(address, timeout=timeout, trace=trace)

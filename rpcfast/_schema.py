@@ -154,7 +154,9 @@ class InterfaceSpec:
                 MethodSpec(
                     name=method_name,
                     ordinal=ordinal,
-                    params=StructCodec.from_schema(method.param_type, f"{name}.{method_name}$Params"),
+                    params=StructCodec.from_schema(
+                        method.param_type, f"{name}.{method_name}$Params"
+                    ),
                     results=StructCodec.from_schema(
                         method.result_type, f"{name}.{method_name}$Results"
                     ),

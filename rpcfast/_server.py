@@ -139,7 +139,9 @@ class Server:
         stamps = _wire.TRACE.pack(recv_ns, start_ns, end_ns, _now_ns())
         return [head, stamps, *response[1:]]
 
-    def _run_fast(self, method: MethodSpec, fn: Callable[[Any], Any], body: memoryview) -> list[Any]:
+    def _run_fast(
+        self, method: MethodSpec, fn: Callable[[Any], Any], body: memoryview
+    ) -> list[Any]:
         request = None
         try:
             request = method.params.decode(body)

@@ -45,12 +45,12 @@ class EchoService(Service, interface=echo_capnp.Echo):
         raise ServiceError(request.message, code=request.code)
 
 
-def spawn_echo_server(addresses: Sequence[str], *, extra_env: dict[str, str] | None = None) -> tuple[
-    subprocess.Popen[str], list[str]
-]:
+def spawn_echo_server(
+    addresses: Sequence[str], *, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], list[str]]:
     """Start ``python -m rpcfast.testing`` serving the echo service; return it and its addresses.
 
-    The child prints its bound addresses on one line, then serves until stdin closes or it is killed.
+    The child prints its bound addresses on one line, then serves until stdin closes or it dies.
     """
     env = dict(os.environ, **(extra_env or {}))
     proc = subprocess.Popen(

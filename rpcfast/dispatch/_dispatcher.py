@@ -43,7 +43,7 @@ class DispatchConfig:
     call_spin: float = 0.0005
     """Seconds a caller drives the loop inline while waiting for its own response."""
     gap_warning: float = 0.010
-    """A stretch longer than this between two polls is logged (a handler or task hogged the loop)."""
+    """A stretch longer than this between two polls is logged (something hogged the loop)."""
 
 
 @attrs.define
@@ -89,7 +89,7 @@ class Dispatcher:
         return tuple(self._transports)
 
     def refresh_fds(self) -> None:
-        """Re-read every transport's fds into the epoll set (call after a transport opens a socket)."""
+        """Re-read every transport's fds into the epoll set (after a transport opens a socket)."""
         wanted = {fd for t in self._transports for fd in t.filenos()}
         for fd in self._registered - wanted:
             try:

@@ -70,7 +70,7 @@ class ZmqTransport(Transport):
         abort_after: float = 1.0,
     ) -> None:
         super().__init__(dispatcher)
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.ping_interval = ping_interval
         self.abort_after = abort_after
         self.router: zmq.Socket[Any] | None = None
