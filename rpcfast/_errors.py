@@ -60,5 +60,6 @@ class ServiceError(Exception):
 
     def __init__(self, message: str = "", code: int | None = None) -> None:
         super().__init__(message)
+        self.message = message
         if code is not None:
             self.code = code

@@ -191,7 +191,7 @@ class Server:
     def _failure(self, method: MethodSpec, exc: Exception) -> list[bytes]:
         self.stats.errors += 1
         if isinstance(exc, ServiceError):
-            return _error_response(Status.APPLICATION_ERROR, str(exc), exc.code)
+            return _error_response(Status.APPLICATION_ERROR, exc.message, exc.code)
         if isinstance(exc, capnp.KjException):
             self.stats.malformed += 1
             return _error_response(Status.MALFORMED_REQUEST, f"{method.name}: {exc}")

@@ -48,7 +48,8 @@ interface Master {
   multiRemove @6 (items :List(Item)) -> (outcomes :List(Outcome));
   multiIncrement @7 (items :List(Item)) -> (outcomes :List(Outcome));
   # Objects of a table in key-hash order, resumable: pass back `cursor` until `done`.
-  enumerate @8 (tableId :UInt64, cursor :Data, maxBytes :UInt32)
+  enumerate @8 (tableId :UInt64, startHash :UInt64, endHash :UInt64, cursor :Data,
+                maxBytes :UInt32)
       -> (objects :List(Object), cursor :Data, done :Bool);
   createTable @9 (name :Text, serverSpan :UInt32) -> (tableId :UInt64);
   getTableId @10 (name :Text) -> (tableId :UInt64);

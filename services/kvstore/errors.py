@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 
+from rpcfast import ServiceError
+
 
 class Status(enum.IntEnum):
     """Key-value store status codes (RAMCloud numbering)."""
@@ -52,19 +54,21 @@ class Status(enum.IntEnum):
     VALUE_TOO_LARGE = 101
 
 
-class KvError(Exception):
+class KvError(ServiceError):
     """Base class of every key-value store error; ``status`` is what goes on the wire.
 
     A subclass fixes its status; a bare ``KvError`` carries whatever status it was built with
-    (used for codes that have no class of their own).
+    (used for codes that have no class of their own). Raised in an rpcfast handler it travels as
+    an application error with ``code = status``; clients rebuild it with :func:`error_for_status`.
     """
 
     STATUS: Status = Status.INTERNAL_ERROR
 
     def __init__(self, message: str = "", *, status: Status | None = None) -> None:
         self.status: Status = self.STATUS if status is None else status
-        self.message = message
         super().__init__(f"{self.status.name}: {message}" if message else self.status.name)
+        self.message = message
+        self.code = int(self.status)
 
 
 class UnknownTablet(KvError):

@@ -1,0 +1,268 @@
+"""The master service: the storage engine behind rpcfast.
+
+Single-object operations are ``@fast`` handlers: they run inline in the dispatcher, and because
+nothing else runs between the handler and the encoding of its result, a value handed out as a view
+of log memory is copied into the response before the cleaner can move it (no read epoch needed).
+
+The cleaner runs as cooperative slices in the same event loop (``run_cleaner``): the engine's
+``step(budget)`` does a bounded slice whenever the balancer wants work, between requests. That
+choice, and the alternative measured against it, is in perf/cleaner.py.
+
+A master started without a coordinator keeps its own table directory (``standalone``), so a single
+process is a usable store; in a cluster the coordinator owns tables and assigns tablets through
+``takeTabletOwnership`` on the server's admin service.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+import rpcfast
+from services.kvstore._objects import ObjectManager, RejectRules
+from services.kvstore.errors import InvalidParameter, KvError, Status, TableDoesntExist
+from services.kvstore.log import StorageConfig
+
+kv_capnp: Any = rpcfast.load_schema("kvstore.capnp")
+
+CLEANER_SLICE = 0.0005
+"""Seconds of cleaning per slice: short enough not to be seen in request latency."""
+
+
+def rules_from(request: Any) -> RejectRules | None:
+    if not request.hasRules:
+        return None
+    r = request.rejectRules
+    return RejectRules(
+        given_version=r.givenVersion,
+        doesnt_exist=r.doesntExist,
+        exists=r.exists,
+        version_le_given=r.versionLeGiven,
+        version_ne_given=r.versionNeGiven,
+    )
+
+
+def _outcome(error: KvError) -> dict[str, Any]:
+    return {"status": int(error.status), "message": error.message}
+
+
+@attrs.define
+class MasterCounters:
+    reads: int = 0
+    writes: int = 0
+    removes: int = 0
+    increments: int = 0
+    multi_items: int = 0
+    enumerations: int = 0
+    retries: int = 0
+
+
+class MasterService(rpcfast.Service, interface=kv_capnp.Master):
+    def __init__(self, objects: ObjectManager, *, standalone: bool = True) -> None:
+        self.objects = objects
+        self.standalone = standalone
+        self.counters = MasterCounters()
+        self._tables: dict[str, int] = {}
+        self._next_table = 1
+        self.started = time.time()
+
+    # -- single objects --------------------------------------------------------------------------
+    @rpcfast.fast
+    def read(self, request: Any) -> dict[str, Any]:
+        self.counters.reads += 1
+        value, version = self.objects.read(request.tableId, request.key, rules_from(request))
+        return {"value": value, "version": version}
+
+    @rpcfast.fast
+    def write(self, request: Any) -> dict[str, Any]:
+        self.counters.writes += 1
+        version = self._retrying(
+            self.objects.write, request.tableId, request.key, request.value, rules_from(request)
+        )
+        return {"version": version}
+
+    @rpcfast.fast
+    def remove(self, request: Any) -> dict[str, Any]:
+        self.counters.removes += 1
+        version = self._retrying(
+            self.objects.remove, request.tableId, request.key, rules_from(request)
+        )
+        return {"version": version}
+
+    @rpcfast.fast
+    def increment(self, request: Any) -> dict[str, Any]:
+        self.counters.increments += 1
+        value, version = self._retrying(
+            self.objects.increment,
+            request.tableId,
+            request.key,
+            request.delta,
+            rules_from(request),
+        )
+        return {"value": value, "version": version}
+
+    def _retrying(self, op: Callable[..., Any], *args: Any) -> Any:
+        """Memory full: give the cleaner one slice right here, then try once more before the
+        client is told to retry (it backs off 1-2 ms as RAMCloud's clients do)."""
+        try:
+            return op(*args)
+        except KvError as exc:
+            if exc.status is not Status.RETRY:
+                raise
+            self.counters.retries += 1
+            self.objects.cleaner.step(CLEANER_SLICE, self.objects._clock())
+            return op(*args)
+
+    # -- batches ---------------------------------------------------------------------------------
+    @rpcfast.fast
+    def multiRead(self, request: Any) -> dict[str, Any]:
+        items = request.items
+        self.counters.multi_items += len(items)
+        out = []
+        for item in items:
+            try:
+                value, version = self.objects.read(item.tableId, item.key, rules_from(item))
+                out.append({"version": version, "value": value})
+            except KvError as exc:
+                out.append(_outcome(exc))
+        return {"outcomes": out}
+
+    @rpcfast.fast
+    def multiWrite(self, request: Any) -> dict[str, Any]:
+        return self._batch(
+            request.items,
+            lambda it: {
+                "version": self._retrying(
+                    self.objects.write, it.tableId, it.key, it.value, rules_from(it)
+                )
+            },
+        )
+
+    @rpcfast.fast
+    def multiRemove(self, request: Any) -> dict[str, Any]:
+        return self._batch(
+            request.items,
+            lambda it: {
+                "version": self._retrying(self.objects.remove, it.tableId, it.key, rules_from(it))
+            },
+        )
+
+    @rpcfast.fast
+    def multiIncrement(self, request: Any) -> dict[str, Any]:
+        def one(it: Any) -> dict[str, Any]:
+            value, version = self._retrying(
+                self.objects.increment, it.tableId, it.key, it.delta, rules_from(it)
+            )
+            return {"counter": value, "version": version}
+
+        return self._batch(request.items, one)
+
+    def _batch(self, items: Any, op: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        self.counters.multi_items += len(items)
+        out = []
+        for item in items:
+            try:
+                out.append(op(item))
+            except KvError as exc:
+                out.append(_outcome(exc))
+        return {"outcomes": out}
+
+    @rpcfast.fast
+    def enumerate(self, request: Any) -> dict[str, Any]:
+        self.counters.enumerations += 1
+        cursor = bytes(request.cursor) if len(request.cursor) else None
+        objects, nxt = self.objects.enumerate(
+            request.tableId, request.startHash, request.endHash, cursor, max(1, request.maxBytes)
+        )
+        return {
+            "objects": [{"key": k, "value": v, "version": ver} for k, v, ver in objects],
+            "cursor": nxt or b"",
+            "done": nxt is None,
+        }
+
+    # -- standalone table directory ----------------------------------------------------------------
+    @rpcfast.fast
+    def createTable(self, request: Any) -> dict[str, Any]:
+        self._standalone_only()
+        name = request.name
+        if not name:
+            raise InvalidParameter("a table needs a name")
+        table_id = self._tables.get(name)
+        if table_id is None:
+            table_id = self._next_table
+            self._next_table += 1
+            self._tables[name] = table_id
+            self.objects.add_tablet(table_id)
+        return {"tableId": table_id}
+
+    @rpcfast.fast
+    def getTableId(self, request: Any) -> dict[str, Any]:
+        self._standalone_only()
+        table_id = self._tables.get(request.name)
+        if table_id is None:
+            raise TableDoesntExist(f"no table named {request.name!r}")
+        return {"tableId": table_id}
+
+    @rpcfast.fast
+    def dropTable(self, request: Any) -> None:
+        self._standalone_only()
+        table_id = self._tables.pop(request.name, None)
+        if table_id is None:
+            raise TableDoesntExist(f"no table named {request.name!r}")
+        self.objects.drop_table(table_id)
+
+    def _standalone_only(self) -> None:
+        if not self.standalone:
+            raise KvError("tables are managed by the coordinator", status=Status.WRONG_SERVER)
+
+    @rpcfast.fast
+    def stats(self, request: None) -> dict[str, Any]:
+        return {"json": json.dumps(self.snapshot())}
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.objects.stats()
+        return {
+            "memory": attrs.asdict(s, recurse=True),
+            "operations": attrs.asdict(self.counters),
+            "uptime_s": time.time() - self.started,
+        }
+
+
+async def run_cleaner(objects: ObjectManager, *, slice_seconds: float = CLEANER_SLICE) -> None:
+    """Drive the cleaner in cooperative slices until cancelled; idle when there is nothing to do."""
+    cleaner = objects.cleaner
+    clock = objects._clock
+    while True:
+        if cleaner.wants_to_run():
+            cleaner.step(slice_seconds, clock())
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.sleep(0.005)
+
+
+async def serve_standalone(
+    addresses: list[str], config: StorageConfig | None = None, *, announce: bool = True
+) -> None:
+    """One standalone master (no coordinator, no backups) until cancelled."""
+    objects = ObjectManager(config)
+    async with rpcfast.serve([MasterService(objects)], addresses) as server:
+        if announce:
+            print(" ".join(server.addresses), flush=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_cleaner, objects)
+            await trio.sleep_forever()
+
+
+if __name__ == "__main__":
+    import sys
+
+    total = int(sys.argv[2]) if len(sys.argv) > 2 else 256 * 1024 * 1024
+    try:
+        trio.run(serve_standalone, [sys.argv[1]], StorageConfig(total_bytes=total))
+    except KeyboardInterrupt:
+        pass
