@@ -41,7 +41,8 @@ class Body:
     """A decoded message body; ``Data`` fields are handed out as zero-copy memoryviews.
 
     Valid while the message it was read from is alive (the caller keeps the receive buffer).
-    Other fields read through to the Cap'n Proto reader.
+    Other fields read through to the Cap'n Proto reader. Body's own names start with an
+    underscore, so they never shadow a field (Cap'n Proto field names cannot start with one).
     """
 
     __slots__ = ("_ctx", "_data_fields", "_reader")
@@ -56,15 +57,10 @@ class Body:
             return self._reader.get_data_as_view(name)
         return getattr(self._reader, name)
 
-    @property
-    def reader(self) -> Any:
-        """The underlying Cap'n Proto reader (for nested structs and lists)."""
-        return self._reader
-
-    def to_dict(self) -> dict[str, Any]:
+    def _to_dict(self) -> dict[str, Any]:
         return dict(self._reader.to_dict())
 
-    def close(self) -> None:
+    def _release(self) -> None:
         """Release the reader; the body must not be used afterwards."""
         ctx, self._ctx = self._ctx, None  # type: ignore[assignment]
         if ctx is not None:

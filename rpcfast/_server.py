@@ -120,10 +120,10 @@ class Server:
             scope = trio.CancelScope()
             key = (id(transport), token)
             self._inflight[key] = scope
+            self.dispatcher.task_started()
             nursery.start_soon(
                 self._run_task, transport, token, key, scope, method, fn, body, flags, recv_ns
             )
-            self.dispatcher.request_yield()
 
     def on_aborted(self, transport: Transport, token: Any) -> None:
         scope = self._inflight.get((id(transport), token))
@@ -151,7 +151,7 @@ class Server:
             return self._failure(method, exc)
         finally:
             if request is not None:
-                request.close()
+                request._release()
 
     async def _run_task(
         self,
@@ -177,9 +177,10 @@ class Server:
                 except Exception as exc:
                     response = self._failure(method, exc)
         finally:
+            self.dispatcher.task_finished()
             self._inflight.pop(key, None)
             if request is not None:
-                request.close()
+                request._release()
         if response is None:  # cancelled: the client aborted (no one to answer) or shutdown
             if self._closing:
                 transport.reply(token, _error_response(Status.CANCELLED, "server stopped"))

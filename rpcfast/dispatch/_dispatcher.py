@@ -38,7 +38,7 @@ _clock = time.perf_counter
 class DispatchConfig:
     spin_budget: float = 0.002
     """Seconds of idle spinning after the last work before the loop parks."""
-    yield_interval: float = 0.0005
+    yield_interval: float = 0.0001
     """Longest stretch the loop spins without letting other trio tasks run."""
     call_spin: float = 0.0005
     """Seconds a caller drives the loop inline while waiting for its own response."""
@@ -68,6 +68,7 @@ class Dispatcher:
         self._registered: set[int] = set()
         self._next_deadline = math.inf
         self._need_yield = False
+        self.active_tasks = 0
         self._park_scope: trio.CancelScope | None = None
         self._closed = False
         self._last_poll = _clock()
@@ -112,6 +113,15 @@ class Dispatcher:
     def request_yield(self) -> None:
         """Another task became runnable (a handler task, a woken caller): let it run soon."""
         self._need_yield = True
+
+    def task_started(self) -> None:
+        """A task that works with the dispatcher (an async handler) is running: until it
+        finishes, the loop yields after every poll so that task is never kept waiting."""
+        self.active_tasks += 1
+        self._need_yield = True
+
+    def task_finished(self) -> None:
+        self.active_tasks -= 1
 
     def wake(self) -> None:
         """Leave the park now (in-process sends, new transports)."""
@@ -169,7 +179,11 @@ class Dispatcher:
                 now = _clock()
                 if worked:
                     last_work = now
-                if self._need_yield or now - last_yield > cfg.yield_interval:
+                if (
+                    self._need_yield
+                    or self.active_tasks
+                    or now - last_yield > cfg.yield_interval
+                ):
                     self._need_yield = False
                     self.stats.yields += 1
                     await trio.lowlevel.checkpoint()
