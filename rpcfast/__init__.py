@@ -14,7 +14,7 @@ from rpcfast._errors import (
     Status,
 )
 from rpcfast._schema import Body, load_schema
-from rpcfast._server import Server, serve
+from rpcfast._server import Deferred, Server, serve
 from rpcfast._service import Service, fast
 from rpcfast._trace import TimeTrace
 from rpcfast.dispatch import DispatchConfig
@@ -22,6 +22,7 @@ from rpcfast.dispatch import DispatchConfig
 __all__ = [
     "Body",
     "Connection",
+    "Deferred",
     "DispatchConfig",
     "PeerDead",
     "RemoteError",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -60,11 +60,9 @@ class Connection:
 
     def stub(self, interface: Any) -> Stub:
         """Methods of ``interface`` (a pycapnp interface or a Service class) as coroutines."""
-        spec = (
-            interface.spec
-            if isinstance(getattr(interface, "spec", None), InterfaceSpec)
-            else (interface_spec(interface))
-        )
+        spec = getattr(interface, "rpcfast_spec", None)
+        if not isinstance(spec, InterfaceSpec):
+            spec = interface_spec(interface)
         return Stub(self, spec)
 
     async def call(
@@ -95,6 +93,54 @@ class Connection:
 
     _last_sent_ns = 0
     _last_recv_ns = 0
+
+    def start(
+        self,
+        spec: InterfaceSpec,
+        method: MethodSpec,
+        params: Any,
+        callback: Callable[[Body | None, Exception | None], None],
+    ) -> PendingCall:
+        """Start a call without a task: ``callback(result, None)`` or ``callback(None, error)``
+        runs inside the dispatcher's poll when it ends. For servers that call other servers on
+        their request path (a master replicating to backups) without a task switch. Cancel
+        with :meth:`cancel`. The result body is valid only during the callback."""
+        if self._closed:
+            raise RuntimeError("connection is closed")
+        body = method.params.encode(params)
+        header = _wire.REQUEST.pack(spec.service_id, method.ordinal, 0)
+        pending = PendingCall()
+        results = method.results
+
+        def done(call: PendingCall) -> None:
+            if call.error is not None:
+                callback(None, call.error)
+                return
+            payload = call.payload
+            assert payload is not None
+            status, _flags, code = _wire.RESPONSE.unpack_from(payload)
+            if status != Status.OK:
+                message = bytes(payload[_wire.HEADER_SIZE :]).decode("utf-8", "replace")
+                error = RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message, code)
+                callback(None, error)
+                return
+            result = None
+            try:
+                result = results.decode(payload[_wire.HEADER_SIZE :])
+                callback(result, None)
+            finally:
+                if result is not None:
+                    result._release()
+
+        pending.callback = done
+        self.transport.call(self.peer, [header, body], pending)
+        return pending
+
+    def cancel(self, pending: PendingCall) -> None:
+        """Cancel a call made with :meth:`start`; its callback will not run."""
+        if not pending.done:
+            pending.callback = None
+            self.transport.cancel(pending)
 
     async def call_raw(self, message: list[Any], *, timeout: float | None = None) -> memoryview:
         """Send one request message (scatter list) and return the raw response message."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -13,10 +14,11 @@ class PendingCall:
     """Plain slotted object (no attrs on the per-call hot path).
 
     A transport calls exactly one of :meth:`complete` or :meth:`fail`. The caller spins on
-    ``done`` first and only creates the trio ``Event`` when it has to sleep.
+    ``done`` first and only creates the trio ``Event`` when it has to sleep; callback-style
+    callers (``Connection.start``) set ``callback``, run inside the dispatcher's poll.
     """
 
-    __slots__ = ("done", "error", "event", "handle", "payload", "sent_ns", "waker")
+    __slots__ = ("callback", "done", "error", "event", "handle", "payload", "sent_ns", "waker")
 
     def __init__(self) -> None:
         self.done = False
@@ -26,12 +28,15 @@ class PendingCall:
         self.handle: Any = None
         self.sent_ns = 0
         self.waker: Any = None
+        self.callback: Callable[[PendingCall], None] | None = None
 
     def complete(self, payload: memoryview) -> None:
         if self.done:
             return
         self.done = True
         self.payload = payload
+        if self.callback is not None:
+            self.callback(self)
         if self.event is not None:
             self.event.set()
             if self.waker is not None:
@@ -42,6 +47,8 @@ class PendingCall:
             return
         self.done = True
         self.error = error
+        if self.callback is not None:
+            self.callback(self)
         if self.event is not None:
             self.event.set()
             if self.waker is not None:

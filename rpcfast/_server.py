@@ -63,12 +63,12 @@ class Server:
         self.transports: list[Transport] = []
         self._services: dict[int, list[Handler]] = {}
         for service in services:
-            spec = service.spec
+            spec = service.rpcfast_spec
             if spec.service_id in self._services:
                 raise ValueError(f"two services implement {spec.name}")
             self._services[spec.service_id] = [
                 (method, fn, fast)
-                for method, (fn, fast) in zip(spec.methods, service.handlers(), strict=True)
+                for method, (fn, fast) in zip(spec.methods, service.rpcfast_handlers(), strict=True)
             ]
         self._nursery: trio.Nursery | None = None
         self._inflight: dict[tuple[int, Any], trio.CancelScope] = {}
@@ -110,6 +110,9 @@ class Server:
             self.stats.fast_requests += 1
             start_ns = _now_ns()
             response = self._run_fast(method, fn, body)
+            if isinstance(response, Deferred):
+                response._bind(self, transport, token, method, flags, recv_ns, start_ns)
+                return
             if flags & _wire.FLAG_TRACE:
                 response = self._traced(response, recv_ns, start_ns)
             transport.reply(token, response)
@@ -141,11 +144,13 @@ class Server:
 
     def _run_fast(
         self, method: MethodSpec, fn: Callable[[Any], Any], body: memoryview
-    ) -> list[Any]:
+    ) -> list[Any] | Deferred:
         request = None
         try:
             request = method.params.decode(body)
             result = fn(request)
+            if type(result) is Deferred:
+                return result
             return [_OK, method.results.encode(result)]
         except Exception as exc:
             return self._failure(method, exc)
@@ -189,6 +194,19 @@ class Server:
             response = self._traced(response, recv_ns, start_ns)
         transport.reply(token, response)
 
+    def _send(
+        self,
+        transport: Transport,
+        token: Any,
+        response: list[Any],
+        flags: int,
+        recv_ns: int,
+        start_ns: int,
+    ) -> None:
+        if flags & _wire.FLAG_TRACE:
+            response = self._traced(response, recv_ns, start_ns)
+        transport.reply(token, response)
+
     def _failure(self, method: MethodSpec, exc: Exception) -> list[bytes]:
         self.stats.errors += 1
         if isinstance(exc, ServiceError):
@@ -206,6 +224,64 @@ class Server:
                 await trio.sleep(0.001)
         for scope in list(self._inflight.values()):
             scope.cancel()
+
+
+class Deferred:
+    """What a ``@fast`` handler returns to answer later, without a task.
+
+    The handler starts work that completes in dispatcher callbacks (e.g. replication RPCs made
+    with ``Connection.start``) and one of those callbacks calls :meth:`resolve` or :meth:`fail`.
+    The request body is released when the handler returns: copy what the answer needs first.
+    """
+
+    __slots__ = ("_bound", "_early")
+
+    def __init__(self) -> None:
+        self._bound: tuple[Any, ...] | None = None
+        self._early: tuple[bool, Any] | None = None
+
+    def _bind(
+        self,
+        server: Server,
+        transport: Transport,
+        token: Any,
+        method: MethodSpec,
+        flags: int,
+        recv_ns: int,
+        start_ns: int,
+    ) -> None:
+        self._bound = (server, transport, token, method, flags, recv_ns, start_ns)
+        if self._early is not None:  # settled before the handler even returned
+            ok, value = self._early
+            self._early = None
+            if ok:
+                self.resolve(value)
+            else:
+                self.fail(value)
+
+    def resolve(self, result: Any = None) -> None:
+        """Answer with ``result`` (None, a mapping of result fields, or a builder)."""
+        bound, self._bound = self._bound, None
+        if bound is None:
+            if self._early is None:
+                self._early = (True, result)
+            return
+        server, transport, token, method, flags, recv_ns, start_ns = bound
+        try:
+            response: list[Any] = [_OK, method.results.encode(result)]
+        except Exception as exc:
+            response = server._failure(method, exc)
+        server._send(transport, token, response, flags, recv_ns, start_ns)
+
+    def fail(self, error: Exception) -> None:
+        """Answer with an error (a ``ServiceError`` keeps its code)."""
+        bound, self._bound = self._bound, None
+        if bound is None:
+            if self._early is None:
+                self._early = (False, error)
+            return
+        server, transport, token, method, flags, recv_ns, start_ns = bound
+        server._send(transport, token, server._failure(method, error), flags, recv_ns, start_ns)
 
 
 @asynccontextmanager

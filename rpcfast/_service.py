@@ -39,14 +39,12 @@ def is_fast(fn: Callable[..., Any]) -> bool:
 class Service:
     """Base class of services; subclass with ``interface=<pycapnp interface>``."""
 
-    spec: ClassVar[InterfaceSpec]
+    rpcfast_spec: ClassVar[InterfaceSpec]
 
     def __init_subclass__(cls, interface: Any = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if interface is None:
-            if not hasattr(cls, "spec"):
-                return  # an abstract intermediate base
-            return
+            return  # an abstract base, or a subclass keeping its parent's interface
         spec = interface_spec(interface)
         missing = []
         for method in spec.methods:
@@ -59,10 +57,11 @@ class Service:
                 )
         if missing:
             raise TypeError(f"{cls.__qualname__} does not implement {', '.join(missing)}")
-        cls.spec = spec
+        cls.rpcfast_spec = spec
 
-    def handlers(self) -> list[tuple[Callable[[Any], Any], bool]]:
+    def rpcfast_handlers(self) -> list[tuple[Callable[[Any], Any], bool]]:
         """Bound handlers indexed by method ordinal, with their fast flag."""
         return [
-            (getattr(self, m.name), is_fast(getattr(type(self), m.name))) for m in self.spec.methods
+            (getattr(self, m.name), is_fast(getattr(type(self), m.name)))
+            for m in self.rpcfast_spec.methods
         ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import select
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rpcfast.dispatch")
 
 _clock = time.perf_counter
+sched_yield = os.sched_yield
 
 
 @attrs.frozen
@@ -42,6 +44,9 @@ class DispatchConfig:
     """Longest stretch the loop spins without letting other trio tasks run."""
     call_spin: float = 0.0005
     """Seconds a caller drives the loop inline while waiting for its own response."""
+    share_cpu: bool = True
+    """Call ``sched_yield`` on idle spins, so a spinning process gives its core to any other
+    runnable process (a 2-core machine running client, master and backups) at ~0.3 us a spin."""
     gap_warning: float = 0.010
     """A stretch longer than this between two polls is logged (something hogged the loop)."""
 
@@ -165,6 +170,7 @@ class Dispatcher:
     async def run(self) -> None:
         """Run until cancelled; closes every transport on the way out."""
         cfg = self.config
+        share_cpu = cfg.share_cpu
         last_work = last_yield = _clock()
         try:
             while not self._closed:
@@ -179,11 +185,9 @@ class Dispatcher:
                 now = _clock()
                 if worked:
                     last_work = now
-                if (
-                    self._need_yield
-                    or self.active_tasks
-                    or now - last_yield > cfg.yield_interval
-                ):
+                elif share_cpu:
+                    sched_yield()
+                if self._need_yield or self.active_tasks or now - last_yield > cfg.yield_interval:
                     self._need_yield = False
                     self.stats.yields += 1
                     await trio.lowlevel.checkpoint()

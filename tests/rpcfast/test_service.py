@@ -34,9 +34,9 @@ def test_fast_rejects_async_functions() -> None:
 
 def test_handlers_are_indexed_by_ordinal() -> None:
     service = EchoService()
-    names = [fn.__name__ for fn, _fast in service.handlers()]
+    names = [fn.__name__ for fn, _fast in service.rpcfast_handlers()]
     assert names == ["ping", "echo", "fill", "sleep", "fail"]
-    assert [fast for _fn, fast in service.handlers()] == [True, True, True, False, False]
+    assert [fast for _fn, fast in service.rpcfast_handlers()] == [True, True, True, False, False]
 
 
 async def test_two_services_with_one_interface_cannot_share_a_server() -> None:
