@@ -1,1 +1,1 @@
-"""Services built on rpcfast: the RAMCloud-style key-value store lives in :mod:`services.kvstore`."""
+"""Services built on rpcfast (the key-value store is :mod:`services.kvstore`)."""

@@ -83,7 +83,13 @@ def entry_header(entry_type: int, content_length: int) -> bytes:
 
 def entry_size(content_length: int) -> int:
     """Total bytes an entry with this content length occupies in a segment."""
-    return 1 + length_bytes(content_length) + content_length
+    if content_length < 0x100:
+        return content_length + 2
+    if content_length < 0x10000:
+        return content_length + 3
+    if content_length < 0x1000000:
+        return content_length + 4
+    return content_length + 5
 
 
 def object_entry_size(key_length: int, value_length: int) -> int:
@@ -94,6 +100,121 @@ def object_entry_size(key_length: int, value_length: int) -> int:
 def tombstone_entry_size(key_length: int) -> int:
     """Bytes a tombstone entry occupies in the log."""
     return entry_size(TOMBSTONE_HEADER.size + key_length)
+
+
+# Type byte, length field and fixed part of an object (crc left 0) or a tombstone (crc not
+# included), one struct per width of the length field; a 3-byte length is a u16 plus a u8.
+_OBJ_FIXED = "IIQQBH"
+_TOMB_FIXED = "QQQI"
+_OBJ_HEADS = (
+    struct.Struct("<BB" + _OBJ_FIXED),
+    struct.Struct("<BH" + _OBJ_FIXED),
+    struct.Struct("<BHB" + _OBJ_FIXED),
+    struct.Struct("<BI" + _OBJ_FIXED),
+)
+_TOMB_HEADS = (
+    struct.Struct("<BB" + _TOMB_FIXED),
+    struct.Struct("<BH" + _TOMB_FIXED),
+    struct.Struct("<BHB" + _TOMB_FIXED),
+    struct.Struct("<BI" + _TOMB_FIXED),
+)
+_U32 = struct.Struct("<I")
+
+
+def write_object_into(
+    buf: memoryview,
+    pos: int,
+    table_id: int,
+    key: Buffer,
+    value: Buffer,
+    version: int,
+    timestamp: int,
+) -> int:
+    """Encode an object entry straight into ``buf`` at ``pos``; return its size.
+
+    The same bytes as :func:`build_object`, without building them first: the header is packed
+    in place, key and value are copied once, and the checksum is one pass over the result.
+    ``buf`` must be a byte buffer with room for :func:`object_entry_size` bytes at ``pos``.
+    """
+    klen = len(key)
+    key_at = OBJECT_HEADER.size + klen
+    content_length = key_at + len(value)
+    if content_length < 0x100:
+        _OBJ_HEADS[0].pack_into(buf, pos, 2, content_length, 0, timestamp, version, table_id, 1, klen)
+        start = pos + 2
+    elif content_length < 0x10000:
+        _OBJ_HEADS[1].pack_into(
+            buf, pos, 0x42, content_length, 0, timestamp, version, table_id, 1, klen
+        )
+        start = pos + 3
+    elif content_length < 0x1000000:
+        _OBJ_HEADS[2].pack_into(
+            buf,
+            pos,
+            0x82,
+            content_length & 0xFFFF,
+            content_length >> 16,
+            0,
+            timestamp,
+            version,
+            table_id,
+            1,
+            klen,
+        )
+        start = pos + 4
+    else:
+        _OBJ_HEADS[3].pack_into(
+            buf, pos, 0xC2, content_length, 0, timestamp, version, table_id, 1, klen
+        )
+        start = pos + 5
+    k = start + OBJECT_HEADER.size
+    buf[k : k + klen] = key
+    end = start + content_length
+    buf[start + key_at : end] = value
+    _U32.pack_into(buf, start, crc32c(buf[start + 4 : end]))
+    return end - pos
+
+
+def write_tombstone_into(
+    buf: memoryview,
+    pos: int,
+    table_id: int,
+    key: Buffer,
+    segment_id: int,
+    object_version: int,
+    timestamp: int,
+) -> int:
+    """Encode a tombstone straight into ``buf`` at ``pos`` (see :func:`write_object_into`)."""
+    klen = len(key)
+    content_length = TOMBSTONE_HEADER.size + klen
+    if content_length < 0x100:
+        _TOMB_HEADS[0].pack_into(
+            buf, pos, 3, content_length, table_id, segment_id, object_version, timestamp
+        )
+        start = pos + 2
+    elif content_length < 0x10000:
+        _TOMB_HEADS[1].pack_into(
+            buf, pos, 0x43, content_length, table_id, segment_id, object_version, timestamp
+        )
+        start = pos + 3
+    else:
+        _TOMB_HEADS[2].pack_into(
+            buf,
+            pos,
+            0x83,
+            content_length & 0xFFFF,
+            content_length >> 16,
+            table_id,
+            segment_id,
+            object_version,
+            timestamp,
+        )
+        start = pos + 4
+    crc_at = start + TOMBSTONE_HEADER.size - 4
+    k = crc_at + 4
+    buf[k : k + klen] = key
+    _U32.pack_into(buf, crc_at, crc32c(key, crc32c(buf[start:crc_at])))
+    return k + klen - pos
 
 
 def build_object(

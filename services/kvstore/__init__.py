@@ -1,0 +1,42 @@
+"""A RAMCloud-style in-memory key-value store: the storage engine and its errors."""
+
+from services.kvstore._objects import ObjectManager, RejectRules, StorageStats, key_hash
+from services.kvstore.errors import (
+    InternalError,
+    InvalidParameter,
+    KeyTooLarge,
+    KvError,
+    ObjectDoesntExist,
+    ObjectExists,
+    Retry,
+    Status,
+    TableDoesntExist,
+    UnknownTablet,
+    ValueTooLarge,
+    WrongVersion,
+    error_for_status,
+)
+from services.kvstore.log import NullReplicaSink, ReplicaSink, StorageConfig
+
+__all__ = [
+    "InternalError",
+    "InvalidParameter",
+    "KeyTooLarge",
+    "KvError",
+    "NullReplicaSink",
+    "ObjectDoesntExist",
+    "ObjectExists",
+    "ObjectManager",
+    "RejectRules",
+    "ReplicaSink",
+    "Retry",
+    "Status",
+    "StorageConfig",
+    "StorageStats",
+    "TableDoesntExist",
+    "UnknownTablet",
+    "ValueTooLarge",
+    "WrongVersion",
+    "error_for_status",
+    "key_hash",
+]

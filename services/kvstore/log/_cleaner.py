@@ -1,0 +1,565 @@
+"""The two-level log cleaner: segment compaction and combined cleaning, run in bounded slices.
+
+Segment compaction rewrites one segment's live entries into fewer seglets (memory only; the
+segment keeps its id and its replicas). Combined cleaning takes several segments chosen by
+cost-benefit with *segment* age, ``(1-u)*age/u`` (paper section 9), sorts their live entries by
+age into survivor segments, and drops the cleaned segments from the log with a new digest; the
+replica sink sees survivors opened, appended and closed, then the cleaned segments freed. The
+tombstone-ratio balancer (RAMCloud's default ``tombstoneRatio:0.40``) picks the task.
+
+There are no threads: :meth:`LogCleaner.step` does a bounded slice of work and returns, so a
+server calls it from its event loop between requests. Liveness is checked when an entry is
+copied, and the hash table is updated by compare-and-swap in the same slice, so an object
+overwritten or removed between slices is never resurrected.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import struct
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+import attrs
+
+from services.kvstore.errors import InternalError
+from services.kvstore.log._entries import SEGMENT_HEADER_ENTRY_SIZE, EntryType
+from services.kvstore.log._log import Log, StorageConfig
+from services.kvstore.log._segments import Pool, Segment, SegmentState
+
+MAX_CLEANABLE_MEMORY_UTILIZATION = 98
+MIN_DISK_UTILIZATION = 95
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_TOMB_TIMESTAMP = 24
+_TOMB_SEGMENT = 8
+_OBJ_TIMESTAMP = 4
+_SCAN_COST_DIVISOR = 8  # scanning an entry costs an eighth of copying it, for the step budget
+
+
+class CleanerHandlers(Protocol):
+    """What the cleaner needs from the owner of the hash table (the object manager)."""
+
+    def object_hash_if_live(self, ref: int) -> int | None:
+        """The key hash of the object entry at ``ref`` if the hash table points at it, else None."""
+        ...
+
+    def object_relocated(self, key_hash: int, old_ref: int, new_ref: int) -> bool:
+        """Compare-and-swap the hash table entry from ``old_ref`` to ``new_ref``."""
+        ...
+
+
+class CleanerTask(enum.Enum):
+    SLEEP = "sleep"
+    COMPACT = "compact"
+    CLEAN = "clean"
+
+
+def choose_task(
+    *,
+    memory_utilization: float,
+    live_utilization: float,
+    tombstone_utilization: float,
+    disk_utilization: float,
+    compaction_enabled: bool,
+    compaction_failed: bool,
+    tombstone_ratio: float = 0.40,
+) -> CleanerTask:
+    """RAMCloud's ``TombstoneRatioBalancer`` for one cleaner (all arguments in percent).
+
+    Memory is low when ``T >= max(90, (100+L)/2)``. Combined cleaning runs when the backup log is
+    95% full, or when memory is low and compaction is off, has just freed nothing, or undead
+    tombstones reach ``ratio * (100 - L)``; otherwise compaction runs if memory is low.
+    """
+    memory_low = memory_utilization >= max(90.0, (100.0 + live_utilization) / 2.0)
+    if disk_utilization >= MIN_DISK_UTILIZATION:
+        return CleanerTask.CLEAN
+    if memory_low and (
+        not compaction_enabled
+        or compaction_failed
+        or tombstone_utilization >= tombstone_ratio * (100.0 - live_utilization)
+    ):
+        return CleanerTask.CLEAN
+    if memory_low and compaction_enabled:
+        return CleanerTask.COMPACT
+    return CleanerTask.SLEEP
+
+
+def cleaning_score(live_bytes: int, segment_size: int, age: float) -> float:
+    """Cost-benefit of cleaning a segment: ``(100-u)*age/u`` with u its integer percent use.
+
+    ``u`` is measured against the full segment size (the replica on backups), ``age`` is the
+    segment's age, not its objects' (paper section 9); an empty segment scores infinity.
+    """
+    u = live_bytes * 100 // segment_size
+    return math.inf if u == 0 else (100 - u) * max(0.0, age) / u
+
+
+def compaction_score(live_bytes: int, freeable_seglets: int, seglet_size: int) -> float:
+    """How much compacting a segment pays: freeable bytes per live byte (x1000, as RAMCloud)."""
+    if live_bytes == 0:
+        return math.inf
+    return 1000.0 * freeable_seglets * seglet_size / live_bytes
+
+
+@attrs.frozen
+class CleanerStats:
+    compactions: int
+    cleanings: int
+    segments_compacted: int
+    segments_cleaned: int
+    survivor_segments: int
+    bytes_relocated: int
+    seglets_freed: int
+    compaction_failures: int
+    aborted_passes: int
+    emergency_heads_used: int
+
+
+class _Budget:
+    __slots__ = ("bytes", "deadline")
+
+    def __init__(self, nbytes: int, deadline: float) -> None:
+        self.bytes = nbytes
+        self.deadline = deadline
+
+    def spent(self) -> bool:
+        return self.bytes <= 0 or time.perf_counter() >= self.deadline
+
+
+class _Compaction:
+    def __init__(self, source: Segment, target: Segment) -> None:
+        self.source = source
+        self.target = target
+        self.cursor = 0
+
+
+_Item = tuple[int, int, int, int, int]
+
+
+class _Cleaning:
+    def __init__(self, sources: list[Segment], reservation: list[int]) -> None:
+        self.sources = sources
+        self.reservation = reservation
+        self.scanning = True
+        self.scan_index = 0
+        self.scan_offset = 0
+        # Per source, sorted once scanned: (timestamp, source index, offset, entry type, size).
+        self.items: list[list[_Item]] = []
+        self.order: Iterator[_Item] | None = None  # all sources merged by age
+        self.relocated_all = False
+        self.item_index = 0
+        self.item_count = 0
+        self.survivors: list[Segment] = []
+        self.current: Segment | None = None
+        self.flushed = 0
+        self.aborted = False
+
+
+class LogCleaner:
+    """Frees log memory in slices; see the module docstring. Call :meth:`step` often."""
+
+    def __init__(
+        self, log: Log, handlers: CleanerHandlers, config: StorageConfig | None = None
+    ) -> None:
+        self._log = log
+        self._handlers = handlers
+        self._config = config if config is not None else log.config
+        self._pass: _Compaction | _Cleaning | None = None
+        self._compaction_failed = False
+        self._compactions = 0
+        self._cleanings = 0
+        self._segments_compacted = 0
+        self._segments_cleaned = 0
+        self._survivors = 0
+        self._bytes_relocated = 0
+        self._seglets_freed = 0
+        self._compaction_failures = 0
+        self._aborted = 0
+
+    # -- policy --------------------------------------------------------------------------
+
+    def utilizations(self) -> tuple[float, float, float, float]:
+        """``(T, L, U, disk)`` in percent: memory, live objects, live tombstones, backup log.
+
+        T counts as 100 once the DEFAULT pool holds less than two head segments: with few,
+        large segments the 90% rule alone would sleep while the next roll-over cannot happen.
+        """
+        log = self._log
+        pool = log.default_pool_bytes
+        starved = log.allocator.free_count(Pool.DEFAULT) < 2 * log.seglets_per_segment
+        return (
+            100.0 if starved else log.memory_utilization(),
+            min(100.0, 100.0 * log.live_object_bytes / pool),
+            min(100.0, 100.0 * log.live_tombstone_bytes / pool),
+            log.disk_utilization(),
+        )
+
+    def next_task(self) -> CleanerTask:
+        t, live, tomb, disk = self.utilizations()
+        return choose_task(
+            memory_utilization=t,
+            live_utilization=live,
+            tombstone_utilization=tomb,
+            disk_utilization=disk,
+            compaction_enabled=self._config.compaction_enabled,
+            compaction_failed=self._compaction_failed,
+            tombstone_ratio=self._config.tombstone_ratio,
+        )
+
+    @property
+    def busy(self) -> bool:
+        """A pass is under way (more :meth:`step` calls will finish it)."""
+        return self._pass is not None
+
+    def wants_to_run(self) -> bool:
+        """Whether :meth:`step` has anything to do now (cheap: for the server's idle check)."""
+        return (
+            self._pass is not None
+            or self._log.pending_free_segments > 0
+            or self.next_task() is not CleanerTask.SLEEP
+        )
+
+    def stats(self) -> CleanerStats:
+        return CleanerStats(
+            compactions=self._compactions,
+            cleanings=self._cleanings,
+            segments_compacted=self._segments_compacted,
+            segments_cleaned=self._segments_cleaned,
+            survivor_segments=self._survivors,
+            bytes_relocated=self._bytes_relocated,
+            seglets_freed=self._seglets_freed,
+            compaction_failures=self._compaction_failures,
+            aborted_passes=self._aborted,
+            emergency_heads_used=self._log.emergency_heads_used,
+        )
+
+    # -- driving -------------------------------------------------------------------------
+
+    def step(self, budget_seconds: float, now: float) -> bool:
+        """Do up to ``budget_seconds`` (and ``cleaner_bytes_per_step`` bytes) of cleaning.
+
+        ``now`` comes from the same clock the log stamps segments with; it ages segments for
+        cost-benefit. Returns whether any work was done (memory reclaimed, entries copied or a
+        pass started or finished); False means the balancer says sleep.
+        """
+        budget = _Budget(self._config.cleaner_bytes_per_step, time.perf_counter() + budget_seconds)
+        did = self._log.reclaim() > 0
+        starts = 0
+        while True:
+            if self._pass is None:
+                if starts >= 4:
+                    break
+                starts += 1
+                self._pass = self._start_pass(now)
+                if self._pass is None:
+                    break
+            did = True
+            if isinstance(self._pass, _Compaction):
+                done = self._run_compaction(self._pass, budget)
+            else:
+                done = self._run_cleaning(self._pass, budget)
+            if done:
+                self._pass = None
+            if budget.spent():
+                break
+        return did
+
+    def run_until_idle(self, now: float, max_steps: int = 10_000) -> int:
+        """Step until the balancer sleeps (or ``max_steps``); returns the steps taken."""
+        for i in range(max_steps):
+            if not self.step(1.0, now):
+                return i
+        return max_steps
+
+    def _start_pass(self, now: float) -> _Compaction | _Cleaning | None:
+        task = self.next_task()
+        if task is CleanerTask.SLEEP:
+            return None
+        if task is CleanerTask.COMPACT:
+            compaction = self._start_compaction()
+            if compaction is not None:
+                return compaction
+            self._compaction_failed = True
+            self._compaction_failures += 1
+            return self._start_cleaning(now)
+        cleaning = self._start_cleaning(now)
+        if cleaning is None and self._config.compaction_enabled:
+            return self._start_compaction()
+        return cleaning
+
+    # -- compaction ----------------------------------------------------------------------
+
+    def _start_compaction(self) -> _Compaction | None:
+        log = self._log
+        size = log.seglet_size
+        best: Segment | None = None
+        best_need = 0
+        best_score = -1.0
+        for seg in log.cleanable_segments():
+            need = -(-(seg.live_bytes + SEGMENT_HEADER_ENTRY_SIZE) // size)
+            unused = len(seg.seglets) - need
+            if unused <= 0:
+                continue
+            score = compaction_score(seg.live_bytes, unused, size)
+            if score > best_score:
+                best, best_need, best_score = seg, need, score
+        if best is None:
+            return None
+        seglets = log.take_seglets(best_need)
+        if len(seglets) < best_need:
+            log.allocator.free(seglets)
+            return None
+        target = log.new_side_segment(seglets, SegmentState.COMPACTING, best.id)
+        return _Compaction(best, target)
+
+    def _run_compaction(self, job: _Compaction, budget: _Budget) -> bool:
+        log = self._log
+        src, dst = job.source, job.target
+        offset = job.cursor
+        end = src.length
+        while offset < end:
+            entry_type, buf, pos, _n, total = src.entry_at(offset)
+            if entry_type == EntryType.OBJ:
+                old_ref = log.ref(src, offset)
+                key_hash = self._handlers.object_hash_if_live(old_ref)
+                if key_hash is not None:
+                    self._check_room(dst, total)
+                    new_ref = log.relocate(src, offset, entry_type, total, dst)
+                    if not self._handlers.object_relocated(key_hash, old_ref, new_ref):
+                        raise InternalError("hash table lost an object during compaction")
+                    self._bytes_relocated += total
+                    budget.bytes -= total
+            elif entry_type == EntryType.OBJTOMB:
+                (target_id,) = _U64.unpack_from(buf, pos + _TOMB_SEGMENT)
+                if log.tombstone_live(target_id):
+                    self._check_room(dst, total)
+                    log.relocate(src, offset, entry_type, total, dst)
+                    self._bytes_relocated += total
+                    budget.bytes -= total
+            offset += total
+            budget.bytes -= total // _SCAN_COST_DIVISOR + 1
+            if budget.spent():
+                break
+        job.cursor = offset
+        if offset < end:
+            return False
+        freed = log.finish_compaction(src, dst)
+        self._seglets_freed += freed
+        self._compactions += 1
+        self._segments_compacted += 1
+        self._compaction_failed = False
+        return True
+
+    @staticmethod
+    def _check_room(dst: Segment, total: int) -> None:
+        if dst.room() < total:
+            raise InternalError("compaction target too small: live-byte accounting is wrong")
+
+    # -- combined cleaning ---------------------------------------------------------------
+
+    def _survivor_seglets(self, live: int) -> int:
+        """Worst-case seglets the survivors of ``live`` bytes need (entries never split)."""
+        if live == 0:
+            return 0
+        log = self._log
+        header = SEGMENT_HEADER_ENTRY_SIZE
+        per_segment = max(1, log.segment_size - header - log.max_entry_seen)
+        count = -(-live // per_segment)
+        return -(-(live + count * header) // log.seglet_size) + count
+
+    def _start_cleaning(self, now: float) -> _Cleaning | None:
+        log = self._log
+        segment_size = log.segment_size
+        scored: list[tuple[float, int, Segment]] = []
+        for seg in log.cleanable_segments():
+            if seg.live_bytes * 100 > MAX_CLEANABLE_MEMORY_UTILIZATION * seg.allocated_bytes:
+                continue
+            score = cleaning_score(seg.live_bytes, segment_size, now - seg.created)
+            scored.append((score, -seg.live_bytes, seg))
+        scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        available = log.allocator.free_count(Pool.CLEANER) + log.allocator.free_count(Pool.DEFAULT)
+        cap = self._config.max_live_segments_per_pass * segment_size
+        chosen: list[Segment] = []
+        live = 0
+        freed = 0
+        for _score, _neg, seg in scored:
+            more = live + seg.live_bytes
+            if chosen and more > cap:
+                break
+            if self._survivor_seglets(more) > available:
+                break
+            chosen.append(seg)
+            live = more
+            freed += len(seg.seglets)
+        need = self._survivor_seglets(live)
+        if not chosen or freed - need < 1:
+            return None
+        reservation = log.take_seglets(need)
+        return _Cleaning(chosen, reservation)
+
+    def _run_cleaning(self, job: _Cleaning, budget: _Budget) -> bool:
+        if job.scanning and (not self._scan(job, budget) or budget.spent()):
+            return False
+        if not job.aborted:
+            self._relocate(job, budget)
+            if not job.relocated_all and not job.aborted:
+                return False
+        self._commit(job)
+        return True
+
+    def _scan(self, job: _Cleaning, budget: _Budget) -> bool:
+        """Collect the candidate entries; True once every source has been scanned.
+
+        Each source's list is sorted on its own (entries are nearly in age order already, so
+        this is cheap) and relocation merges them lazily, keeping every slice bounded.
+        """
+        while job.scan_index < len(job.sources):
+            seg = job.sources[job.scan_index]
+            if len(job.items) <= job.scan_index:
+                job.items.append([])
+            items = job.items[job.scan_index]
+            offset = job.scan_offset
+            end = seg.length
+            while offset < end:
+                entry_type, buf, pos, _n, total = seg.entry_at(offset)
+                if entry_type == EntryType.OBJ:
+                    (ts,) = _U32.unpack_from(buf, pos + _OBJ_TIMESTAMP)
+                    items.append((ts, job.scan_index, offset, entry_type, total))
+                elif entry_type == EntryType.OBJTOMB:
+                    (ts,) = _U32.unpack_from(buf, pos + _TOMB_TIMESTAMP)
+                    items.append((ts, job.scan_index, offset, entry_type, total))
+                offset += total
+                budget.bytes -= total // _SCAN_COST_DIVISOR + 1
+                if budget.spent() and offset < end:
+                    job.scan_offset = offset
+                    return False
+            items.sort()
+            job.item_count += len(items)
+            job.scan_index += 1
+            job.scan_offset = 0
+        job.order = heapq.merge(*job.items)
+        job.scanning = False
+        return True
+
+    def _relocate(self, job: _Cleaning, budget: _Budget) -> None:
+        log = self._log
+        handlers = self._handlers
+        assert job.order is not None
+        for item in job.order:
+            _ts, index, offset, entry_type, total = item
+            job.item_index += 1
+            src = job.sources[index]
+            key_hash = None
+            target_id = 0
+            old_ref = 0
+            if entry_type == EntryType.OBJ:
+                old_ref = log.ref(src, offset)
+                key_hash = handlers.object_hash_if_live(old_ref)
+                if key_hash is None:
+                    continue
+            else:
+                _t, buf, pos, _n, _total = src.entry_at(offset)
+                (target_id,) = _U64.unpack_from(buf, pos + _TOMB_SEGMENT)
+                if not log.tombstone_live(target_id):
+                    continue
+            dst = self._room_for(job, total)
+            if dst is None:
+                job.aborted = True
+                break
+            new_ref = log.relocate(src, offset, entry_type, total, dst)
+            if key_hash is not None:
+                if not handlers.object_relocated(key_hash, old_ref, new_ref):
+                    raise InternalError("hash table lost an object during cleaning")
+            else:
+                log.move_tombstone(target_id, src.id, dst.id, total)
+            self._bytes_relocated += total
+            budget.bytes -= total
+            if budget.spent():
+                break
+        else:
+            job.relocated_all = True
+        self._flush(job)
+
+    def _take(self, job: _Cleaning, count: int) -> list[int] | None:
+        got = job.reservation[:count]
+        del job.reservation[:count]
+        if len(got) < count:
+            got.extend(self._log.take_seglets(count - len(got)))
+        if len(got) < count:
+            job.reservation.extend(got)
+            return None
+        return got
+
+    def _room_for(self, job: _Cleaning, total: int) -> Segment | None:
+        log = self._log
+        size = log.seglet_size
+        cur = job.current
+        if cur is not None and cur.capacity - cur.length >= total:
+            short = total - cur.room()
+            if short > 0:
+                more = self._take(job, -(-short // size))
+                if more is None:
+                    return None
+                cur.grow(more)
+            return cur
+        count = -(-(SEGMENT_HEADER_ENTRY_SIZE + total) // size)
+        seglets = self._take(job, count)
+        if seglets is None:
+            return None
+        if cur is not None:
+            self._close_survivor(job, cur)
+        seg = log.new_side_segment(seglets, SegmentState.SURVIVOR)
+        job.survivors.append(seg)
+        job.current = seg
+        job.flushed = seg.length
+        self._survivors += 1
+        return seg
+
+    def _flush(self, job: _Cleaning) -> None:
+        cur = job.current
+        if cur is not None and cur.length > job.flushed:
+            self._log.sink.append(
+                cur.id, job.flushed, cur.read(job.flushed, cur.length - job.flushed)
+            )
+            job.flushed = cur.length
+
+    def _close_survivor(self, job: _Cleaning, seg: Segment) -> None:
+        self._flush(job)
+        self._log.allocator.free(seg.trim())
+        self._log.sink.close(seg.id)
+
+    def _commit(self, job: _Cleaning) -> None:
+        log = self._log
+        if job.current is not None:
+            self._close_survivor(job, job.current)
+            job.current = None
+        if job.aborted:
+            self._aborted += 1
+        cleaned = [s for s in job.sources if s.live_bytes == 0]
+        if not cleaned and not job.survivors:
+            log.allocator.free(job.reservation)
+            job.reservation = []
+            return
+        before = sum(len(s.seglets) for s in cleaned)
+        used = sum(len(s.seglets) for s in job.survivors)
+        log.commit_cleaning(job.survivors, cleaned)
+        log.allocator.free(job.reservation)
+        job.reservation = []
+        self._seglets_freed += before - used
+        self._cleanings += 1
+        self._segments_cleaned += len(cleaned)
+        self._compaction_failed = False
+
+    def describe(self) -> str:
+        """One line for logs: the pass under way, if any."""
+        job = self._pass
+        if job is None:
+            return "idle"
+        if isinstance(job, _Compaction):
+            return f"compacting segment {job.source.id} at {job.cursor}/{job.source.length}"
+        phase = "scanning" if job.scanning else "relocating"
+        return f"cleaning {len(job.sources)} segments, {phase} {job.item_index}/{job.item_count}"

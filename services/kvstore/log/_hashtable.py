@@ -1,0 +1,189 @@
+"""The compact hash table: one 8-byte entry per object, eight entries per 64-byte bucket.
+
+Entry layout (MSB to LSB, as in RAMCloud's ``HashTable``): 16-bit secondary hash, 1 chain bit,
+47-bit reference. The table maps key hashes to opaque references and knows nothing of objects:
+:meth:`HashTable.lookup` returns every candidate whose secondary hash matches and the caller
+compares keys. A full bucket's last entry becomes a chain pointer (chain bit set, reference
+field = bucket number) to a bucket in a growable overflow area, so an insert never fails.
+The main area never resizes, which keeps enumeration cursors (bucket numbers) stable across
+writes and cleaning. Overflow buckets are not given back once empty; later inserts reuse their
+free slots.
+
+The entries live in numpy arrays (for the whole-table sweeps), but the per-request paths read a
+bucket with one ``struct.unpack_from`` into a tuple of Python ints and write single entries
+through a memoryview: numpy element access from Python costs ~100 ns per item, the tuple is
+searched in C (``in``, ``index``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from services.kvstore.log._segments import anonymous_zeros
+
+ENTRIES_PER_BUCKET = 8
+BUCKET_BYTES = 64
+REF_BITS = 47
+REF_MASK = (1 << REF_BITS) - 1
+CHAIN_BIT = 1 << REF_BITS
+_HASH_MASK = (1 << 48) - 1
+_BUCKET = struct.Struct("<8Q")
+_LAST = ENTRIES_PER_BUCKET - 1
+
+
+class HashTable:
+    """Key hash -> log reference; references are nonzero 47-bit integers."""
+
+    def __init__(self, num_buckets: int) -> None:
+        if num_buckets < 1 or num_buckets & (num_buckets - 1):
+            raise ValueError("num_buckets must be a power of two")
+        if num_buckets > _HASH_MASK + 1:
+            raise ValueError("too many buckets for a 48-bit bucket index")
+        self.num_buckets = num_buckets
+        self._mask = num_buckets - 1
+        # Small pages, like the log arena: buckets are touched at random, and a huge-page fault
+        # on first touch would stall a request for milliseconds.
+        self._main = anonymous_zeros(num_buckets * BUCKET_BYTES).view(np.uint64)
+        self._main_mv = memoryview(self._main)
+        self._ovf = np.zeros(4 * ENTRIES_PER_BUCKET, dtype=np.uint64)
+        self._ovf_mv = memoryview(self._ovf)
+        self._ovf_used = 0
+        self.count = 0
+
+    @classmethod
+    def for_memory(cls, table_bytes: int) -> HashTable:
+        """A table of ``table_bytes / 64`` buckets, rounded down to a power of two (as RAMCloud)."""
+        buckets = max(1, table_bytes // BUCKET_BYTES)
+        return cls(1 << (buckets.bit_length() - 1))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of table memory in use (main area plus used overflow buckets)."""
+        return self._main.nbytes + self._ovf_used * BUCKET_BYTES
+
+    @property
+    def overflow_buckets(self) -> int:
+        return self._ovf_used
+
+    def _area(self, bucket: int) -> tuple[memoryview, int]:
+        """The memoryview holding ``bucket`` and the index of its first entry there."""
+        if bucket < self.num_buckets:
+            return self._main_mv, bucket * ENTRIES_PER_BUCKET
+        return self._ovf_mv, (bucket - self.num_buckets) * ENTRIES_PER_BUCKET
+
+    def lookup(self, key_hash: int) -> list[int]:
+        """References whose secondary hash matches ``key_hash``; the caller compares keys."""
+        tag = key_hash >> 48 << 1  # compared with e >> 47: chain pointers (bit 47) never match
+        row = _BUCKET.unpack_from(self._main_mv, (key_hash & self._mask) * BUCKET_BYTES)
+        out = [e & REF_MASK for e in row if e >> REF_BITS == tag and e]
+        last = row[_LAST]
+        while last & CHAIN_BIT:
+            mv, first = self._area(last & REF_MASK)
+            row = _BUCKET.unpack_from(mv, first * 8)
+            out += [e & REF_MASK for e in row if e >> REF_BITS == tag and e]
+            last = row[_LAST]
+        return out
+
+    def contains(self, key_hash: int, ref: int) -> bool:
+        return self._find(key_hash, ref) is not None
+
+    def _find(self, key_hash: int, ref: int) -> tuple[memoryview, int] | None:
+        want = key_hash >> 48 << 48 | ref
+        mv = self._main_mv
+        first = (key_hash & self._mask) * ENTRIES_PER_BUCKET
+        while True:
+            row = _BUCKET.unpack_from(mv, first * 8)
+            if want in row:
+                return mv, first + row.index(want)
+            last = row[_LAST]
+            if not last & CHAIN_BIT:
+                return None
+            mv, first = self._area(last & REF_MASK)
+
+    def insert(self, key_hash: int, ref: int) -> None:
+        """Add an entry (the caller has checked that the key is not present already)."""
+        if not 0 < ref <= REF_MASK:
+            raise ValueError("reference must be a nonzero 47-bit integer")
+        entry = key_hash >> 48 << 48 | ref
+        bucket = key_hash & self._mask
+        while True:
+            mv, first = self._area(bucket)
+            row = _BUCKET.unpack_from(mv, first * 8)
+            if 0 in row:
+                mv[first + row.index(0)] = entry
+                self.count += 1
+                return
+            last = row[_LAST]
+            if not last & CHAIN_BIT:
+                break
+            bucket = last & REF_MASK
+        # Every slot of the chain is full: hang a new overflow bucket off the last one. The
+        # overflow area may be reallocated here, so views are taken again afterwards.
+        new_bucket = self._new_overflow_bucket()
+        new_mv, new_first = self._area(new_bucket)
+        mv, first = self._area(bucket)
+        new_mv[new_first] = mv[first + _LAST]
+        new_mv[new_first + 1] = entry
+        mv[first + _LAST] = CHAIN_BIT | new_bucket
+        self.count += 1
+
+    def _new_overflow_bucket(self) -> int:
+        if (self._ovf_used + 1) * ENTRIES_PER_BUCKET > len(self._ovf):
+            grown = np.zeros(2 * len(self._ovf), dtype=np.uint64)
+            grown[: len(self._ovf)] = self._ovf
+            self._ovf = grown
+            self._ovf_mv = memoryview(grown)
+        bucket = self.num_buckets + self._ovf_used
+        self._ovf_used += 1
+        return bucket
+
+    def replace(self, key_hash: int, old_ref: int, new_ref: int) -> bool:
+        """Compare-and-swap: point the entry for ``old_ref`` at ``new_ref``; False if absent."""
+        found = self._find(key_hash, old_ref)
+        if found is None:
+            return False
+        mv, i = found
+        mv[i] = key_hash >> 48 << 48 | new_ref
+        return True
+
+    def remove(self, key_hash: int, ref: int) -> bool:
+        """Delete the entry for ``ref``; False if it is not there."""
+        found = self._find(key_hash, ref)
+        if found is None:
+            return False
+        mv, i = found
+        mv[i] = 0
+        self.count -= 1
+        return True
+
+    def bucket_refs(self, bucket: int) -> list[int]:
+        """Every reference in main bucket ``bucket`` and its overflow chain."""
+        out: list[int] = []
+        while True:
+            mv, first = self._area(bucket)
+            row = _BUCKET.unpack_from(mv, first * 8)
+            out += [e & REF_MASK for e in row if e and not e & CHAIN_BIT]
+            last = row[_LAST]
+            if not last & CHAIN_BIT:
+                return out
+            bucket = last & REF_MASK
+
+    def occupied_buckets(self, start: int, count: int) -> list[int]:
+        """Main bucket numbers in ``[start, start+count)`` holding at least one entry."""
+        stop = min(self.num_buckets, start + count)
+        if start >= stop:
+            return []
+        rows = self._main[start * ENTRIES_PER_BUCKET : stop * ENTRIES_PER_BUCKET].reshape(
+            -1, ENTRIES_PER_BUCKET
+        )
+        return [int(i) + start for i in np.flatnonzero(rows.any(axis=1))]
+
+    def all_refs(self) -> list[int]:
+        """Every reference in the table (for whole-table sweeps such as dropping a table)."""
+        out: list[int] = []
+        for arr in (self._main, self._ovf[: self._ovf_used * ENTRIES_PER_BUCKET]):
+            live = arr[(arr != 0) & ((arr & np.uint64(CHAIN_BIT)) == 0)]
+            out.extend(int(x) & REF_MASK for x in live)
+        return out

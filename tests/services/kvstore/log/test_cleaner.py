@@ -1,0 +1,330 @@
+"""The cleaner: balancer rules, scores, compaction, combined cleaning with replicas, tombstone
+retirement, and correctness when requests run between cleaning slices."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import pytest
+
+from services.kvstore import ObjectDoesntExist, ObjectManager, Retry, StorageConfig, key_hash
+from services.kvstore.log import (
+    CleanerTask,
+    LogDigestEntry,
+    ObjectEntry,
+    SegmentState,
+    TombstoneEntry,
+    choose_task,
+    cleaning_score,
+    compaction_score,
+    iter_entries_untrusted,
+    object_entry_size,
+)
+from services.kvstore.log._entries import Buffer
+
+CONFIG = StorageConfig(
+    total_bytes=1 << 20,
+    segment_size=32 << 10,
+    seglet_size=4 << 10,
+    cleaner_reserve_segments=2,
+    cleaner_bytes_per_step=64 << 10,
+)
+
+
+class TickingClock:
+    """Advances one second per call, so every object gets its own timestamp."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.replicas: dict[int, bytearray] = {}
+        self.closed: set[int] = set()
+        self.freed: set[int] = set()
+
+    def open(self, segment_id: int, data: Buffer) -> None:
+        assert segment_id not in self.replicas
+        self.replicas[segment_id] = bytearray(data)
+        self.events.append(("open", segment_id))
+
+    def append(self, segment_id: int, offset: int, data: Buffer) -> None:
+        assert segment_id not in self.closed and offset == len(self.replicas[segment_id])
+        self.replicas[segment_id] += bytes(data)
+        self.events.append(("append", segment_id))
+
+    def close(self, segment_id: int) -> None:
+        assert segment_id not in self.closed
+        self.closed.add(segment_id)
+        self.events.append(("close", segment_id))
+
+    def free(self, segment_id: int) -> None:
+        assert segment_id in self.closed and segment_id not in self.freed
+        self.freed.add(segment_id)
+        self.events.append(("free", segment_id))
+
+    def latest_digest(self) -> tuple[int, tuple[int, ...]]:
+        best: tuple[int, tuple[int, ...]] = (-1, ())
+        for sid, data in self.replicas.items():
+            if sid in self.freed:
+                continue
+            for _, e in iter_entries_untrusted(data):
+                if isinstance(e, LogDigestEntry) and sid > best[0]:
+                    best = (sid, e.segment_ids)
+        return best
+
+    def replay(self) -> dict[tuple[int, bytes], tuple[bytes, int]]:
+        """What crash recovery would rebuild from the replicas the newest digest names."""
+        _head, ids = self.latest_digest()
+        objects: dict[tuple[int, bytes], ObjectEntry] = {}
+        tombs: dict[tuple[int, bytes], int] = {}
+        for sid in ids:
+            assert sid not in self.freed, f"digest names freed segment {sid}"
+            for _, e in iter_entries_untrusted(self.replicas[sid]):
+                if isinstance(e, ObjectEntry):
+                    k = (e.table_id, e.key)
+                    if k not in objects or objects[k].version < e.version:
+                        objects[k] = e
+                elif isinstance(e, TombstoneEntry):
+                    k = (e.table_id, e.key)
+                    tombs[k] = max(tombs.get(k, 0), e.object_version)
+        return {k: (o.value, o.version) for k, o in objects.items() if o.version > tombs.get(k, 0)}
+
+
+def _write(m: ObjectManager, key: bytes, value: bytes, now: float) -> int:
+    for _ in range(50):
+        try:
+            return m.write(1, key, value)
+        except Retry:
+            for _ in range(1000):
+                if not m.cleaner.step(0.05, now):
+                    break
+    raise AssertionError("write kept getting Retry")
+
+
+def _model_check(m: ObjectManager, model: dict[bytes, bytes]) -> None:
+    for k, v in model.items():
+        assert bytes(m.read(1, k)[0]) == v
+    assert m.stats().live_bytes == sum(object_entry_size(len(k), len(v)) for k, v in model.items())
+    assert m.stats().objects == len(model)
+
+
+@pytest.mark.parametrize(
+    ("t", "live", "tomb", "disk", "compaction", "failed", "task"),
+    [
+        (50.0, 40.0, 0.0, 10.0, True, False, CleanerTask.SLEEP),
+        (89.9, 10.0, 0.0, 10.0, True, False, CleanerTask.SLEEP),
+        (90.0, 10.0, 0.0, 10.0, True, False, CleanerTask.COMPACT),
+        (92.0, 86.0, 0.0, 10.0, True, False, CleanerTask.SLEEP),  # needs T >= (100+L)/2 = 93
+        (93.0, 86.0, 0.0, 10.0, True, False, CleanerTask.COMPACT),
+        (95.0, 50.0, 20.0, 10.0, True, False, CleanerTask.CLEAN),  # U >= 0.4 * (100 - L)
+        (95.0, 50.0, 19.9, 10.0, True, False, CleanerTask.COMPACT),
+        (95.0, 50.0, 0.0, 10.0, False, False, CleanerTask.CLEAN),
+        (95.0, 50.0, 0.0, 10.0, True, True, CleanerTask.CLEAN),
+        (10.0, 5.0, 0.0, 95.0, True, False, CleanerTask.CLEAN),  # backup log nearly full
+        (10.0, 5.0, 0.0, 10.0, False, True, CleanerTask.SLEEP),
+    ],
+)
+def test_tombstone_ratio_balancer(
+    t: float,
+    live: float,
+    tomb: float,
+    disk: float,
+    compaction: bool,
+    failed: bool,
+    task: CleanerTask,
+) -> None:
+    assert (
+        choose_task(
+            memory_utilization=t,
+            live_utilization=live,
+            tombstone_utilization=tomb,
+            disk_utilization=disk,
+            compaction_enabled=compaction,
+            compaction_failed=failed,
+        )
+        is task
+    )
+
+
+def test_cost_benefit_uses_segment_age_and_prefers_empty_and_old() -> None:
+    size = 1000
+    assert cleaning_score(0, size, 5.0) == math.inf
+    assert cleaning_score(500, size, 10.0) == pytest.approx(10.0)  # (100-50)*10/50
+    assert cleaning_score(500, size, 20.0) > cleaning_score(500, size, 10.0)
+    assert cleaning_score(200, size, 10.0) > cleaning_score(800, size, 10.0)
+    assert compaction_score(0, 3, 100) == math.inf
+    assert compaction_score(100, 2, 100) > compaction_score(200, 2, 100)
+
+
+def test_idle_cleaner_sleeps() -> None:
+    m = ObjectManager(CONFIG)
+    m.add_tablet(1)
+    m.write(1, b"k", b"v")
+    assert not m.cleaner.step(0.01, 0.0)
+    assert not m.cleaner.wants_to_run()
+    assert m.cleaner.describe() == "idle"
+
+
+def test_compaction_shrinks_segments_in_memory_only() -> None:
+    sink = RecordingSink()
+    m = ObjectManager(CONFIG, replica_sink=sink, clock=TickingClock())
+    m.add_tablet(1)
+    model: dict[bytes, bytes] = {}
+    for round_ in range(120):
+        for i in range(10):
+            value = bytes([round_]) * 2500
+            _write(m, b"k%d" % i, value, 1e9)
+            model[b"k%d" % i] = value
+        m.cleaner.step(0.05, 1e9)
+    stats = m.stats().cleaner
+    assert stats.compactions > 0
+    assert stats.seglets_freed > 0
+    _model_check(m, model)
+    # Compacted segments keep their ids, and backups are not told about compaction.
+    compacted = [s for s in m.log.segments.values() if len(s.seglets) < CONFIG.seglets_per_segment]
+    assert compacted
+    for s in compacted:
+        if s.state is SegmentState.CLOSED:
+            assert s.id in sink.replicas and s.id not in sink.freed
+    # What the backups hold still recovers exactly the live data.
+    assert sink.replay() == {(1, k): (v, m.read(1, k)[1]) for k, v in model.items()}
+
+
+def test_combined_cleaning_writes_survivors_and_frees_cleaned_replicas() -> None:
+    sink = RecordingSink()
+    config = attrs.evolve(CONFIG, compaction_enabled=False)
+    m = ObjectManager(config, replica_sink=sink, clock=TickingClock())
+    m.add_tablet(1)
+    model: dict[bytes, bytes] = {}
+    for round_ in range(200):
+        for i in range(12):
+            key = b"k%d" % (i + 12 * (round_ % 3 == 0))
+            value = bytes([round_ % 256]) * (500 + 40 * i)
+            _write(m, key, value, 1e9)
+            model[key] = value
+        if round_ % 4 == 0:
+            m.remove(1, b"k%d" % round_)
+            model.pop(b"k%d" % round_, None)
+        m.cleaner.step(0.05, 1e9)
+    stats = m.stats().cleaner
+    assert stats.cleanings > 0 and stats.segments_cleaned > 0 and stats.survivor_segments > 0
+    assert stats.compactions == 0
+    _model_check(m, model)
+    assert sink.replay() == {(1, k): (v, m.read(1, k)[1]) for k, v in model.items()}
+    # Every freed replica was closed before, and was freed only after a newer head was opened.
+    for sid in sink.freed:
+        freed_at = sink.events.index(("free", sid))
+        opens_before = [e for e in sink.events[:freed_at] if e[0] == "open" and e[1] > sid]
+        assert opens_before
+    # Survivors hold entries in age order.
+    digest_holders = {sid for sid, d in sink.replicas.items() if _has_digest(d)}
+    survivors = [sid for sid in sink.replicas if sid not in digest_holders]
+    assert survivors
+    for sid in survivors:
+        stamps = [
+            e.timestamp
+            for _, e in iter_entries_untrusted(sink.replicas[sid])
+            if isinstance(e, ObjectEntry | TombstoneEntry)
+        ]
+        assert stamps == sorted(stamps)
+
+
+def _has_digest(data: bytearray) -> bool:
+    return any(isinstance(e, LogDigestEntry) for _, e in iter_entries_untrusted(data))
+
+
+def test_tombstones_retire_when_the_dead_objects_segment_is_cleaned() -> None:
+    config = attrs.evolve(CONFIG, compaction_enabled=False)
+    m = ObjectManager(config, clock=TickingClock())
+    m.add_tablet(1)
+    for i in range(40):
+        m.write(1, b"k%d" % i, b"x" * 600)
+    for i in range(40):
+        m.remove(1, b"k%d" % i)
+    assert m.stats().tombstones == 40
+    assert m.stats().tombstone_bytes > 0
+    # Fill with churn so the cleaner must run and clean the segments those objects lived in.
+    model: dict[bytes, bytes] = {}
+    for round_ in range(60):
+        for i in range(8):
+            _write(m, b"c%d" % i, bytes([round_]) * 2000, 1e9)
+            model[b"c%d" % i] = bytes([round_]) * 2000
+        m.cleaner.step(0.05, 1e9)
+    assert m.stats().cleaner.segments_cleaned > 0
+    s = m.stats()
+    assert s.tombstones < 40 + 8 * 60
+    for i in range(40):
+        with pytest.raises(ObjectDoesntExist):
+            m.read(1, b"k%d" % i)
+    _model_check(m, model)
+
+
+@pytest.mark.parametrize("compaction", [True, False])
+def test_requests_between_slices_are_never_undone(compaction: bool) -> None:
+    """Overwrites and removes between cleaning slices win over the cleaner's copies."""
+    config = attrs.evolve(CONFIG, cleaner_bytes_per_step=1500, compaction_enabled=compaction)
+    sink = RecordingSink()
+    m = ObjectManager(config, replica_sink=sink, clock=TickingClock())
+    m.add_tablet(1)
+    model: dict[bytes, bytes] = {}
+    keys = [b"key%d" % i for i in range(30)]
+    slices_with_pass = 0
+    for round_ in range(2500):
+        key = keys[(round_ * 7) % len(keys)]
+        if round_ % 5 == 4:
+            m.remove(1, key)
+            model.pop(key, None)
+        else:
+            value = bytes([round_ % 256]) * (300 + (round_ * 37) % 1800)
+            _write(m, key, value, 1e9)
+            model[key] = value
+        m.cleaner.step(1.0, 1e9)
+        slices_with_pass += m.cleaner.busy
+    assert slices_with_pass > 10  # requests really did run in the middle of passes
+    for _ in range(1000):
+        if not m.cleaner.step(1.0, 1e9):
+            break
+    _model_check(m, model)
+    for k in keys:
+        if k not in model:
+            with pytest.raises(ObjectDoesntExist):
+                m.read(1, k)
+    assert sink.replay() == {(1, k): (v, m.read(1, k)[1]) for k, v in model.items()}
+
+
+def test_every_entry_is_found_through_the_hash_table_after_cleaning() -> None:
+    config = attrs.evolve(CONFIG, compaction_enabled=False)
+    m = ObjectManager(config, clock=TickingClock())
+    m.add_tablet(1)
+    for round_ in range(100):
+        for i in range(20):
+            _write(m, b"k%d" % i, bytes([round_ % 256]) * 1500, 1e9)
+        m.cleaner.step(0.05, 1e9)
+    assert m.stats().cleaner.cleanings > 0
+    for i in range(20):
+        (ref,) = m.hash_table.lookup(key_hash(1, b"k%d" % i))
+        assert m.log.segment_at(ref).state in (SegmentState.CLOSED, SegmentState.HEAD)
+
+
+def test_run_until_idle_stops_when_the_balancer_sleeps() -> None:
+    m = ObjectManager(CONFIG, clock=TickingClock())
+    m.add_tablet(1)
+    for round_ in range(60):
+        for i in range(10):
+            try:
+                m.write(1, b"k%d" % i, bytes([round_]) * 2500)
+            except Retry:
+                assert m.cleaner.wants_to_run()
+                m.cleaner.run_until_idle(1e9)
+    steps = m.cleaner.run_until_idle(1e9)
+    assert steps < 10_000
+    assert not m.cleaner.busy
+    assert not m.cleaner.step(1.0, 1e9)

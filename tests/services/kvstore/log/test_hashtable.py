@@ -1,0 +1,130 @@
+"""The compact hash table: candidates, compare-and-swap, overflow chains, memory per object."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from services.kvstore.log import HashTable
+
+
+def _h(bucket: int, secondary: int) -> int:
+    return secondary << 48 | bucket
+
+
+def test_lookup_returns_candidates_with_matching_secondary_hash_only() -> None:
+    t = HashTable(16)
+    t.insert(_h(3, 7), 100)
+    t.insert(_h(3, 8), 200)
+    t.insert(_h(3 + 16, 7), 300)  # same bucket, same secondary: a real collision
+    assert sorted(t.lookup(_h(3, 7))) == [100, 300]
+    assert t.lookup(_h(3, 8)) == [200]
+    assert t.lookup(_h(4, 7)) == []
+
+
+def test_replace_is_compare_and_swap() -> None:
+    t = HashTable(4)
+    t.insert(_h(1, 1), 10)
+    assert not t.replace(_h(1, 1), 11, 12)
+    assert t.replace(_h(1, 1), 10, 12)
+    assert t.lookup(_h(1, 1)) == [12]
+    assert not t.contains(_h(1, 1), 10)
+
+
+def test_full_bucket_chains_into_overflow_and_never_fails() -> None:
+    t = HashTable(2)
+    refs = list(range(1, 101))
+    for r in refs:
+        t.insert(_h(0, r), r)
+    assert t.count == 100
+    assert t.overflow_buckets >= 100 // 7 - 1
+    for r in refs:
+        assert t.lookup(_h(0, r)) == [r]
+    assert sorted(t.bucket_refs(0)) == refs
+    for r in refs[::2]:
+        assert t.remove(_h(0, r), r)
+    assert sorted(t.all_refs()) == refs[1::2]
+    # Freed slots in the chain are reused without growing the overflow area.
+    used = t.overflow_buckets
+    for r in refs[::2]:
+        t.insert(_h(0, r), r + 1000)
+    assert t.overflow_buckets == used
+
+
+def test_occupied_buckets_skips_empty_ones() -> None:
+    t = HashTable(64)
+    for b in (2, 9, 40):
+        t.insert(_h(b, 1), b + 1)
+    assert t.occupied_buckets(0, 64) == [2, 9, 40]
+    assert t.occupied_buckets(10, 20) == []
+    assert t.occupied_buckets(60, 100) == []
+
+
+def test_bad_arguments_rejected() -> None:
+    with pytest.raises(ValueError):
+        HashTable(3)
+    t = HashTable(1)
+    with pytest.raises(ValueError):
+        t.insert(0, 0)
+    with pytest.raises(ValueError):
+        t.insert(0, 1 << 47)
+
+
+def test_memory_per_object_stays_compact() -> None:
+    n = 20_000
+    t = HashTable.for_memory(n * 12)  # the RAMCloud rule: table sized from memory
+    rng = random.Random(5)
+    for i in range(n):
+        t.insert(rng.getrandbits(64), i + 1)
+    assert t.count == n
+    assert t.nbytes / n <= 16
+
+
+class HashTableModel(RuleBasedStateMachine):
+    """Random inserts, swaps and removes against a dict, in a tiny table to force chains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = HashTable(4)
+        self.model: dict[int, int] = {}  # ref -> hash
+        self.next_ref = 1
+
+    @rule(bucket=st.integers(0, 7), secondary=st.integers(0, 3))
+    def insert(self, bucket: int, secondary: int) -> None:
+        h = _h(bucket, secondary)
+        self.table.insert(h, self.next_ref)
+        self.model[self.next_ref] = h
+        self.next_ref += 1
+
+    @rule(data=st.data())
+    def replace(self, data: st.DataObject) -> None:
+        if not self.model:
+            return
+        ref = data.draw(st.sampled_from(sorted(self.model)))
+        h = self.model.pop(ref)
+        assert self.table.replace(h, ref, self.next_ref)
+        self.model[self.next_ref] = h
+        self.next_ref += 1
+
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        if not self.model:
+            return
+        ref = data.draw(st.sampled_from(sorted(self.model)))
+        assert self.table.remove(self.model.pop(ref), ref)
+        assert not self.table.remove(_h(0, 0), ref)
+
+    @invariant()
+    def agrees(self) -> None:
+        assert sorted(self.table.all_refs()) == sorted(self.model)
+        assert self.table.count == len(self.model)
+        for ref, h in self.model.items():
+            assert ref in self.table.lookup(h)
+
+
+HashTableModel.TestCase.settings = settings(max_examples=40, stateful_step_count=60, deadline=None)
+test_hash_table_model = HashTableModel.TestCase

@@ -1,0 +1,96 @@
+"""Seglet pools and segments: reserve refilling, entries spanning seglets, trimming."""
+
+from __future__ import annotations
+
+from services.kvstore.log import EntryType, Pool, SegletAllocator, Segment, SegmentState
+from services.kvstore.log._entries import build_object
+
+
+def _allocator() -> SegletAllocator:
+    return SegletAllocator(total_seglets=20, seglet_size=64, emergency_seglets=4, cleaner_seglets=6)
+
+
+def test_pools_start_full_and_alloc_is_all_or_nothing() -> None:
+    a = _allocator()
+    assert (
+        a.free_count(Pool.DEFAULT),
+        a.free_count(Pool.CLEANER),
+        a.free_count(Pool.EMERGENCY_HEAD),
+    ) == (10, 6, 4)
+    assert a.alloc(Pool.EMERGENCY_HEAD, 5) is None
+    assert a.free_count(Pool.EMERGENCY_HEAD) == 4
+    got = a.alloc(Pool.DEFAULT, 3)
+    assert got is not None and len(set(got)) == 3
+    assert a.free_count(Pool.DEFAULT) == 7
+
+
+def test_freed_seglets_refill_emergency_then_cleaner_then_default() -> None:
+    a = _allocator()
+    emergency = a.alloc(Pool.EMERGENCY_HEAD, 2)
+    cleaner = a.alloc(Pool.CLEANER, 3)
+    default = a.alloc(Pool.DEFAULT, 10)
+    assert emergency is not None and cleaner is not None and default is not None
+    a.free(default[:4])
+    assert a.free_count(Pool.EMERGENCY_HEAD) == 4
+    assert a.free_count(Pool.CLEANER) == 5
+    assert a.free_count(Pool.DEFAULT) == 0
+    a.free(default[4:] + emergency + cleaner)
+    assert a.free_count(Pool.CLEANER) == 6
+    assert a.free_count(Pool.DEFAULT) == 10
+    assert a.total_free() == 20
+
+
+def _segment(a: SegletAllocator, count: int) -> Segment:
+    seglets = a.alloc(Pool.DEFAULT, count)
+    assert seglets is not None
+    return Segment(1, 0, seglets, a.view, a.seglet_size, 64 * 8, 0.0, SegmentState.HEAD)
+
+
+def test_entry_spanning_seglets_reads_back_as_a_copy() -> None:
+    a = _allocator()
+    # Make the segment's seglets non-adjacent so a straddling entry really is discontiguous.
+    spacer = a.alloc(Pool.DEFAULT, 1)
+    seg = _segment(a, 3)
+    assert spacer is not None
+    parts, size = build_object(1, b"key", bytes(range(100)), 5, 0)
+    seg.append([b"x" * 40])
+    offset = seg.append(parts)
+    assert offset == 40 and seg.length == 40 + size
+    entry_type, buf, pos, length, total = seg.entry_at(offset)
+    assert entry_type == EntryType.OBJ and total == size
+    content = bytes(buf[pos : pos + length])
+    assert content.endswith(bytes(range(100)))
+    assert id(buf.obj) != id(a.arena)
+    assert not isinstance(seg.read(offset, size), memoryview)
+    assert bytes(seg.read(offset, size)) == b"".join(bytes(p) for p in parts)
+
+
+def test_entry_inside_one_seglet_is_zero_copy() -> None:
+    a = _allocator()
+    seg = _segment(a, 2)
+    parts, _size = build_object(1, b"k", b"v" * 10, 1, 0)
+    offset = seg.append(parts)
+    _t, buf, pos, length, _total = seg.entry_at(offset)
+    assert id(buf.obj) == id(a.arena)  # a view of the arena itself, no copy
+    assert bytes(buf[pos + length - 10 : pos + length]) == b"v" * 10
+
+
+def test_trim_keeps_only_seglets_with_bytes() -> None:
+    a = _allocator()
+    seg = _segment(a, 4)
+    seg.append([b"y" * 70])
+    spare = seg.trim()
+    assert len(spare) == 2 and len(seg.seglets) == 2
+    assert seg.room() == 128 - 70
+
+
+def test_entries_walks_every_entry() -> None:
+    a = _allocator()
+    seg = _segment(a, 4)
+    sizes = []
+    for i in range(5):
+        parts, size = build_object(1, b"k%d" % i, b"v" * (i * 7), i, 0)
+        seg.append(parts)
+        sizes.append(size)
+    assert [t for _o, t, _s in seg.entries()] == [EntryType.OBJ] * 5
+    assert [s for _o, _t, s in seg.entries()] == sizes
