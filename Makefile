@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test lint typecheck pytest perf clean
+.PHONY: venv deps run test lint typecheck pytest perf clean
 
 venv: $(VENV)/.installed
 
@@ -24,7 +24,16 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv
+# Debian packages the suite runs for real (ZooKeeper for coordinator failover; peers in perf/).
+DEB_PACKAGES := zookeeper redis-server memcached
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+pytest: venv deps
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

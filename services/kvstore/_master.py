@@ -18,14 +18,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
+if TYPE_CHECKING:
+    from services.kvstore._replication import ReplicaManager
+
 import rpcfast
 from services.kvstore._objects import ObjectManager, RejectRules
-from services.kvstore.errors import InvalidParameter, KvError, Status, TableDoesntExist
+from services.kvstore.errors import InvalidParameter, KvError, Retry, Status, TableDoesntExist
 from services.kvstore.log import StorageConfig
 
 kv_capnp: Any = rpcfast.load_schema("kvstore.capnp")
@@ -63,9 +66,16 @@ class MasterCounters:
 
 
 class MasterService(rpcfast.Service, interface=kv_capnp.Master):
-    def __init__(self, objects: ObjectManager, *, standalone: bool = True) -> None:
+    def __init__(
+        self,
+        objects: ObjectManager,
+        *,
+        standalone: bool = True,
+        replicas: ReplicaManager | None = None,
+    ) -> None:
         self.objects = objects
         self.standalone = standalone
+        self.replicas = replicas
         self.counters = MasterCounters()
         self._tables: dict[str, int] = {}
         self._next_table = 1
@@ -79,23 +89,23 @@ class MasterService(rpcfast.Service, interface=kv_capnp.Master):
         return {"value": value, "version": version}
 
     @rpcfast.fast
-    def write(self, request: Any) -> dict[str, Any]:
+    def write(self, request: Any) -> Any:
         self.counters.writes += 1
         version = self._retrying(
             self.objects.write, request.tableId, request.key, request.value, rules_from(request)
         )
-        return {"version": version}
+        return self._durable({"version": version})
 
     @rpcfast.fast
-    def remove(self, request: Any) -> dict[str, Any]:
+    def remove(self, request: Any) -> Any:
         self.counters.removes += 1
         version = self._retrying(
             self.objects.remove, request.tableId, request.key, rules_from(request)
         )
-        return {"version": version}
+        return self._durable({"version": version})
 
     @rpcfast.fast
-    def increment(self, request: Any) -> dict[str, Any]:
+    def increment(self, request: Any) -> Any:
         self.counters.increments += 1
         value, version = self._retrying(
             self.objects.increment,
@@ -104,8 +114,25 @@ class MasterService(rpcfast.Service, interface=kv_capnp.Master):
             request.delta,
             rules_from(request),
         )
-        return {"value": value, "version": version}
+        return self._durable({"value": value, "version": version})
 
+    def _durable(self, result: dict[str, Any]) -> Any:
+        """The answer once every byte logged so far is on all R backups (RAMCloud's rule: a
+        write returns only when it is durable). No task: the replica manager's RPC callbacks
+        settle the Deferred."""
+        replicas = self.replicas
+        if replicas is None:
+            return result
+        deferred = rpcfast.Deferred()
+
+        def synced(error: Exception | None) -> None:
+            if error is None:
+                deferred.resolve(result)
+            else:
+                deferred.fail(Retry(f"not durable yet: {error}", min_delay=0.005, max_delay=0.02))
+
+        replicas.sync(synced)
+        return deferred
     def _retrying(self, op: Callable[..., Any], *args: Any) -> Any:
         """Memory full: give the cleaner one slice right here, then try once more before the
         client is told to retry (it backs off 1-2 ms as RAMCloud's clients do)."""
@@ -133,8 +160,8 @@ class MasterService(rpcfast.Service, interface=kv_capnp.Master):
         return {"outcomes": out}
 
     @rpcfast.fast
-    def multiWrite(self, request: Any) -> dict[str, Any]:
-        return self._batch(
+    def multiWrite(self, request: Any) -> Any:
+        return self._durable_batch(
             request.items,
             lambda it: {
                 "version": self._retrying(
@@ -144,8 +171,8 @@ class MasterService(rpcfast.Service, interface=kv_capnp.Master):
         )
 
     @rpcfast.fast
-    def multiRemove(self, request: Any) -> dict[str, Any]:
-        return self._batch(
+    def multiRemove(self, request: Any) -> Any:
+        return self._durable_batch(
             request.items,
             lambda it: {
                 "version": self._retrying(self.objects.remove, it.tableId, it.key, rules_from(it))
@@ -153,14 +180,17 @@ class MasterService(rpcfast.Service, interface=kv_capnp.Master):
         )
 
     @rpcfast.fast
-    def multiIncrement(self, request: Any) -> dict[str, Any]:
+    def multiIncrement(self, request: Any) -> Any:
         def one(it: Any) -> dict[str, Any]:
             value, version = self._retrying(
                 self.objects.increment, it.tableId, it.key, it.delta, rules_from(it)
             )
             return {"counter": value, "version": version}
 
-        return self._batch(request.items, one)
+        return self._durable_batch(request.items, one)
+
+    def _durable_batch(self, items: Any, op: Callable[[Any], dict[str, Any]]) -> Any:
+        return self._durable(self._batch(items, op))
 
     def _batch(self, items: Any, op: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
         self.counters.multi_items += len(items)

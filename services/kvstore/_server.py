@@ -1,0 +1,215 @@
+"""The storage server: master + backup in one process, as in RAMCloud.
+
+It serves three interfaces on one endpoint: ``Master`` (objects), ``Backup`` (replicas of other
+masters' segments) and ``ServerAdmin`` (what the coordinator calls: server list pushes, tablet
+ownership, pings, statistics). At start it enlists with the coordinator and gets its server id;
+the coordinator then pushes the server list (which tells the replica manager which backups exist
+and the backup store which masters may write) and assigns tablets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+
+import rpcfast
+from services.kvstore._backup import BackupConfig, backup_service, open_backup_store
+from services.kvstore._master import CLEANER_SLICE, MasterService, run_cleaner
+from services.kvstore._objects import ObjectManager
+from services.kvstore._replication import ReplicaManager
+from services.kvstore.errors import Retry, UnknownTablet
+from services.kvstore.log import StorageConfig
+
+log = logging.getLogger("rpcfast.kvstore.server")
+
+cluster_capnp: Any = rpcfast.load_schema("cluster.capnp")
+
+MASTER = 1
+BACKUP = 2
+UP = 0
+
+
+@attrs.frozen
+class ServerConfig:
+    coordinator: str
+    listen: str = "udp://127.0.0.1:0"
+    data_dir: str = "kvdata"
+    memory_bytes: int = 256 * 1024 * 1024
+    segment_size: int = 8 * 1024 * 1024
+    replicas: int = 3
+    durability: str = "buffered"
+    disk_expansion_factor: float = 2.0
+    rpc_timeout: float = 0.5
+
+
+def segment_views(objects: ObjectManager, segment_id: int) -> list[memoryview] | None:
+    """The bytes written so far in a live segment of the master's log, seglet by seglet."""
+    segment = objects.log.segments.get(segment_id)
+    if segment is None:
+        return None
+    views = []
+    remaining = segment.length
+    for base in segment._bases:
+        if remaining <= 0:
+            break
+        n = min(segment.seglet_size, remaining)
+        views.append(segment._mv[base : base + n])
+        remaining -= n
+    return views
+
+
+class ServerAdmin(rpcfast.Service, interface=cluster_capnp.ServerAdmin):
+    def __init__(self, server: StorageServer) -> None:
+        self.server = server
+
+    @rpcfast.fast
+    def ping(self, request: Any) -> dict[str, Any]:
+        return {"serverId": self.server.server_id, "serverListVersion": self.server.list_version}
+
+    @rpcfast.fast
+    def updateServerList(self, request: Any) -> None:
+        servers = [
+            (s.serverId, str(s.address), int(s.services), int(s.status)) for s in request.servers
+        ]
+        self.server.apply_server_list(int(request.version), servers)
+
+    @rpcfast.fast
+    def takeTabletOwnership(self, request: Any) -> None:
+        objects = self.server.objects
+        if objects is None:
+            raise Retry("server is starting")
+        if not self.server.owns(request.tableId, request.startHash, request.endHash):
+            objects.add_tablet(request.tableId, request.startHash, request.endHash)
+
+    @rpcfast.fast
+    def dropTabletOwnership(self, request: Any) -> None:
+        objects = self.server.objects
+        if objects is None:
+            return
+        try:
+            objects.remove_tablet(request.tableId, request.startHash, request.endHash)
+        except UnknownTablet:
+            pass  # already dropped: the coordinator may repeat itself
+
+    @rpcfast.fast
+    def getStatistics(self, request: None) -> dict[str, Any]:
+        return {"json": json.dumps(self.server.statistics())}
+
+
+class StorageServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server_id = 0
+        self.list_version = 0
+        self.address = ""
+        self.objects: ObjectManager | None = None
+        self.master: MasterService | None = None
+        self.replicas: ReplicaManager | None = None
+        self.backup_store: Any = None
+        self.started = time.time()
+        self.ready = trio.Event()
+        self._last_list: list[tuple[int, str, int, int]] = []
+
+    def owns(self, table_id: int, start: int, end: int) -> bool:
+        assert self.objects is not None
+        return (start, end) in dict.fromkeys(
+            (s, e) for t, s, e in self.objects.tablets() if t == table_id
+        )
+
+    def apply_server_list(self, version: int, servers: Sequence[tuple[int, str, int, int]]) -> None:
+        if version < self.list_version:
+            return
+        self.list_version = version
+        self._last_list = list(servers)
+        up = [(sid, addr) for sid, addr, services, status in servers if status == UP]
+        if self.backup_store is not None:
+            self.backup_store.set_server_list(version, [sid for sid, _addr in up])
+        if self.replicas is not None:
+            backups = [
+                (sid, addr)
+                for sid, addr, services, status in servers
+                if status == UP and services & BACKUP and sid != self.server_id
+            ]
+            self.replicas.set_backups(backups)
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "server_id": self.server_id,
+            "address": self.address,
+            "server_list_version": self.list_version,
+            "uptime_s": time.time() - self.started,
+        }
+        if self.master is not None:
+            out.update(self.master.snapshot())
+        if self.replicas is not None:
+            out["replication"] = attrs.asdict(self.replicas.stats())
+        if self.backup_store is not None:
+            out["backup"] = attrs.asdict(self.backup_store.stats())
+        return out
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[StorageServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        cfg = self.config
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        backup_cfg = BackupConfig(
+            directory=os.path.join(cfg.data_dir, "backup"),
+            segment_size=cfg.segment_size,
+            durability=cfg.durability,  # type: ignore[arg-type]
+        )
+        async with open_backup_store(backup_cfg) as store:
+            self.backup_store = store
+            self.replicas = ReplicaManager(
+                0,
+                cfg.replicas,
+                read_segment=lambda segment_id: segment_views(self._objects(), segment_id),
+            )
+            storage = StorageConfig(
+                total_bytes=cfg.memory_bytes,
+                segment_size=cfg.segment_size,
+                disk_expansion_factor=cfg.disk_expansion_factor,
+            )
+            self.objects = ObjectManager(storage, replica_sink=self.replicas)
+            self.master = MasterService(self.objects, standalone=False, replicas=self.replicas)
+            services = [self.master, backup_service(store), ServerAdmin(self)]
+            async with rpcfast.serve(services, [cfg.listen]) as server:
+                self.address = server.addresses[0]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run_cleaner, self.objects, CLEANER_SLICE)
+                    nursery.start_soon(self.replicas.run)
+                    await self._enlist()
+                    self.ready.set()
+                    task_status.started(self)
+                    await trio.sleep_forever()
+
+    def _objects(self) -> ObjectManager:
+        assert self.objects is not None
+        return self.objects
+
+    async def _enlist(self) -> None:
+        conn = rpcfast.connect(self.config.coordinator, timeout=self.config.rpc_timeout)
+        stub = conn.stub(cluster_capnp.Coordinator)
+        delay = 0.05
+        while True:
+            try:
+                reply = await stub.enlistServer(
+                    address=self.address, services=MASTER | BACKUP, replacesId=0
+                )
+                break
+            except (rpcfast.PeerDead, rpcfast.RpcTimeout) as exc:
+                log.info("coordinator not answering (%s); retrying", exc)
+                await trio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        self.server_id = int(reply.serverId)
+        assert self.replicas is not None
+        self.replicas.master_id = self.server_id
+        if self._last_list:  # a push that beat our enlist reply: re-apply knowing our own id
+            self.apply_server_list(self.list_version, self._last_list)
+        log.info("enlisted as server %#x at %s", self.server_id, self.address)
