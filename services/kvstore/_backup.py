@@ -698,8 +698,10 @@ class BackupStore:
         """A replica's bytes and whether it is closed (BACKUP_BAD_SEGMENT_ID if absent)."""
         replica = self._replicas.get((master_id, segment_id))
         if replica is not None and replica.buffer is not None:
+            # copy before the checkpoint: the flusher may release the buffer meanwhile
+            data, closed = bytes(replica.buffer[: replica.length]), replica.closed
             await trio.lowlevel.checkpoint()
-            return bytes(replica.buffer[: replica.length]), replica.closed
+            return data, closed
         if replica is not None:
             closed, length = replica.closed, replica.length
             with contextlib.suppress(FileNotFoundError):  # freed meanwhile
