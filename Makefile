@@ -13,8 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat
 	touch $@
 
-# The main job: an echo service served over UDP and ZeroMQ plus a latency report.
+# The main job: a local kvstore cluster (coordinator + 4 storage servers, 3-way replication,
+# embedded coordinator state), a mixed workload against it, a report; then it stops.
 run: venv
+	rm -rf .kvdata
+	$(BIN)/rpcfast-kv cluster --servers 4 --replicas 3 --dir .kvdata --memory 128 --workload 10
+
+# The RPC demo: an echo server over UDP and ZeroMQ and a latency report against a raw socket.
+demo: venv
 	$(BIN)/rpcfast-perf demo
 
 lint: venv

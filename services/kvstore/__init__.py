@@ -1,5 +1,9 @@
-"""A RAMCloud-style in-memory key-value store: the storage engine and its errors."""
+"""A RAMCloud-style durable in-memory key-value store: client, storage engine, errors.
 
+Run it with ``rpcfast-kv`` (services/kvstore/cli.py); use it with :class:`KvClient`.
+"""
+
+from services.kvstore._client import KvClient
 from services.kvstore._objects import ObjectManager, RejectRules, StorageStats, key_hash
 from services.kvstore.errors import (
     InternalError,
@@ -22,6 +26,7 @@ __all__ = [
     "InternalError",
     "InvalidParameter",
     "KeyTooLarge",
+    "KvClient",
     "KvError",
     "NullReplicaSink",
     "ObjectDoesntExist",

@@ -20,8 +20,9 @@ import attrs
 import trio
 
 import rpcfast
+import rpcfast.dispatch
 from services.kvstore._backup import BackupConfig, backup_service, open_backup_store
-from services.kvstore._master import CLEANER_SLICE, MasterService, run_cleaner
+from services.kvstore._master import MasterService, run_cleaner
 from services.kvstore._objects import ObjectManager
 from services.kvstore._replication import ReplicaManager
 from services.kvstore.errors import Retry, UnknownTablet
@@ -47,6 +48,9 @@ class ServerConfig:
     durability: str = "buffered"
     disk_expansion_factor: float = 2.0
     rpc_timeout: float = 0.5
+    spin_budget: float = 0.0002
+    """Seconds the dispatcher spins after work before it parks. Short by default: a local
+    cluster runs several servers per core, and a spinning idle server starves a busy one."""
 
 
 def segment_views(objects: ObjectManager, segment_id: int) -> list[memoryview] | None:
@@ -158,6 +162,7 @@ class StorageServer:
         self, *, task_status: trio.TaskStatus[StorageServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.config
+        rpcfast.dispatch.current(rpcfast.DispatchConfig(spin_budget=cfg.spin_budget))
         os.makedirs(cfg.data_dir, exist_ok=True)
         backup_cfg = BackupConfig(
             directory=os.path.join(cfg.data_dir, "backup"),
@@ -182,7 +187,7 @@ class StorageServer:
             async with rpcfast.serve(services, [cfg.listen]) as server:
                 self.address = server.addresses[0]
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(run_cleaner, self.objects, CLEANER_SLICE)
+                    nursery.start_soon(run_cleaner, self.objects)
                     nursery.start_soon(self.replicas.run)
                     await self._enlist()
                     self.ready.set()

@@ -1,11 +1,11 @@
 """``rpcfast-kv``: run and use a kvstore cluster.
 
-    rpcfast-kv cluster --servers 4 --replicas 3 --dir kvdata      # a whole local cluster; Ctrl-C stops it
-    rpcfast-kv cluster ... --workload 10                         # ... run a mixed workload, report, stop
-    rpcfast-kv coordinator --listen udp://127.0.0.1:4100 --dir kvdata/coordinator
-    rpcfast-kv server --coordinator udp://127.0.0.1:4100 --dir kvdata/server1 --replicas 3
-    rpcfast-kv status --coordinator udp://127.0.0.1:4100 [--json] [--watch]
-    rpcfast-kv put|get|rm --coordinator ADDR TABLE KEY [VALUE]
+rpcfast-kv cluster --servers 4 --replicas 3 --dir kvdata   # a local cluster; Ctrl-C stops it
+rpcfast-kv cluster ... --workload 10                      # ... a mixed workload, a report
+rpcfast-kv coordinator --listen udp://127.0.0.1:4100 --dir kvdata/coordinator
+rpcfast-kv server --coordinator udp://127.0.0.1:4100 --dir kvdata/server1 --replicas 3
+rpcfast-kv status --coordinator udp://127.0.0.1:4100 [--json] [--watch]
+rpcfast-kv put|get|rm --coordinator ADDR TABLE KEY [VALUE]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ cluster_capnp: Any = rpcfast.load_schema("cluster.capnp")
 STATUS_NAMES = {0: "up", 1: "crashed", 2: "removed"}
 
 
-# -- coordinator and server processes ----------------------------------------------------------------
+# -- coordinator and server processes ----------------------------------------------------------
 def _coordinator(args: argparse.Namespace) -> int:
     from services.kvstore._coordinator import run_coordinator
     from services.kvstore._extstorage import EmbeddedStorage, ZooKeeperStorage
@@ -46,6 +46,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             service = await nursery.start(run_coordinator, [args.listen], storage)
             print(" ".join(service.addresses), flush=True)
+            await trio.sleep_forever()
 
     return _run(main)
 
@@ -58,32 +59,58 @@ def _server(args: argparse.Namespace) -> int:
         listen=args.listen,
         data_dir=args.dir,
         memory_bytes=args.memory * 1024 * 1024,
+        segment_size=args.segment_kb * 1024,
         replicas=args.replicas,
         durability=args.durability,
+        spin_budget=args.spin_us / 1e6,
     )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(StorageServer(config).run)
             print(server.address, flush=True)
+            await trio.sleep_forever()
 
     return _run(main)
 
 
 def _run(main: Any) -> int:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives; then shut down cleanly."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        return 0
+
+    async def guarded() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    trio.run(guarded)
     return 0
 
 
-# -- the local cluster ---------------------------------------------------------------------------------
+# -- the local cluster -------------------------------------------------------------------------
 class LocalCluster:
     """A coordinator and N storage servers as child processes of this one."""
 
-    def __init__(self, directory: str, servers: int, replicas: int, memory_mb: int, durability: str):
+    def __init__(
+        self,
+        directory: str,
+        servers: int,
+        replicas: int,
+        memory_mb: int,
+        durability: str,
+        spin_us: float = 200,
+        segment_kb: int = 8192,
+    ):
+        self.spin_us = spin_us
+        self.segment_kb = segment_kb
         self.directory = directory
         self.servers = servers
         self.replicas = replicas
@@ -108,6 +135,14 @@ class LocalCluster:
         return proc, line.split()[0]
 
     def start(self, progress: Any = print) -> None:
+        """Start everything, or nothing: a failure stops what did start."""
+        try:
+            self._start(progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, progress: Any) -> None:
         os.makedirs(self.directory, exist_ok=True)
         progress(f"starting coordinator (data in {self.directory}/coordinator)")
         _, self.coordinator = self._spawn(
@@ -134,6 +169,10 @@ class LocalCluster:
                     str(self.memory_mb),
                     "--durability",
                     self.durability,
+                    "--spin-us",
+                    str(self.spin_us),
+                    "--segment-kb",
+                    str(self.segment_kb),
                 ]
             )
             self.server_addresses.append(address)
@@ -161,7 +200,15 @@ def _cluster(args: argparse.Namespace) -> int:
             f"writes will wait for backups that do not exist",
             file=sys.stderr,
         )
-    cluster = LocalCluster(args.dir, args.servers, args.replicas, args.memory, args.durability)
+    cluster = LocalCluster(
+        args.dir,
+        args.servers,
+        args.replicas,
+        args.memory,
+        args.durability,
+        args.spin_us,
+        args.segment_kb,
+    )
     try:
         cluster.start()
         print(f"coordinator: {cluster.coordinator}")
@@ -184,7 +231,7 @@ def _cluster(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
-# -- workload ------------------------------------------------------------------------------------------
+# -- workload ----------------------------------------------------------------------------------
 async def run_workload(coordinator: str, seconds: float, seed: int = 1) -> str:
     """A mixed workload (YCSB-A like: 50% reads, 50% updates of 100 B objects over 10k keys,
     zipfian-ish popularity), bounded by count and time; returns a short report."""
@@ -227,7 +274,7 @@ async def run_workload(coordinator: str, seconds: float, seed: int = 1) -> str:
     return "\n".join(lines)
 
 
-# -- status ----------------------------------------------------------------------------------------------
+# -- status ------------------------------------------------------------------------------------
 async def gather_status(coordinator: str) -> dict[str, Any]:
     conn = rpcfast.connect(coordinator, timeout=1.0)
     coord = conn.stub(cluster_capnp.Coordinator)
@@ -261,9 +308,7 @@ async def gather_status(coordinator: str) -> dict[str, Any]:
         }
         if s.status == 0:
             try:
-                admin = rpcfast.connect(str(s.address), timeout=0.5).stub(
-                    cluster_capnp.ServerAdmin
-                )
+                admin = rpcfast.connect(str(s.address), timeout=0.5).stub(cluster_capnp.ServerAdmin)
                 entry["stats"] = json.loads(str((await admin.getStatistics()).json))
             except rpcfast.RpcError as exc:
                 entry["error"] = str(exc)
@@ -331,7 +376,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- small data commands -----------------------------------------------------------------------------------
+# -- small data commands -----------------------------------------------------------------------
 def _data(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with await KvClient.open(coordinator=args.coordinator) as kv:
@@ -378,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=256, help="log memory in MB")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--durability", choices=["buffered", "fsync"], default="buffered")
+    p.add_argument("--segment-kb", type=int, default=8192, help="segment size in KB")
+    p.add_argument("--spin-us", type=float, default=200, help="dispatcher spin budget")
     p.set_defaults(func=_server)
 
     p = sub.add_parser("cluster", help="run a whole local cluster")
@@ -386,7 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="kvdata")
     p.add_argument("--memory", type=int, default=256, help="log memory per server in MB")
     p.add_argument("--durability", choices=["buffered", "fsync"], default="buffered")
-    p.add_argument("--workload", type=float, default=0, help="run a mixed workload for S s, then stop")
+    p.add_argument("--segment-kb", type=int, default=8192, help="segment size in KB")
+    p.add_argument("--spin-us", type=float, default=200, help="servers' dispatcher spin budget")
+    p.add_argument(
+        "--workload", type=float, default=0, help="run a mixed workload for S s, then stop"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=_cluster)
 

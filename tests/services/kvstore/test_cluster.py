@@ -1,0 +1,142 @@
+"""A real local cluster: coordinator and storage servers as processes, on UDP loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from services.kvstore import ObjectDoesntExist, TableDoesntExist
+from services.kvstore._client import KvClient
+from services.kvstore.cli import LocalCluster, gather_status, main
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    c = LocalCluster(
+        str(tmp_path / "kv"),
+        servers=4,
+        replicas=2,
+        memory_mb=32,
+        durability="buffered",
+        segment_kb=1024,
+    )
+    c.start(progress=lambda _msg: None)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_tables_span_servers_and_data_round_trips(cluster: LocalCluster) -> None:
+    async def body() -> None:
+        async with await KvClient.open(coordinator=cluster.coordinator, timeout=10) as kv:
+            table = await kv.create_table("spread", server_span=4)
+            values = {f"k{i}".encode(): os.urandom(200) for i in range(400)}
+            await kv.multi_write([(table, k, v) for k, v in values.items()])
+            for key in list(values)[::13]:
+                assert (await kv.read(table, key))[0] == values[key]
+            seen = {k: v async for k, v, _ver in kv.enumerate(table)}
+            assert seen == values
+            status = await gather_status(cluster.coordinator)
+            owners = {t["server"] for t in status["tablets"] if t["table"] == table}
+            assert len(owners) == 4
+            await kv.drop_table("spread")
+            with pytest.raises(TableDoesntExist):
+                await kv.get_table_id("spread")
+
+    trio.run(body)
+
+
+def test_killed_backup_loses_no_acknowledged_write(cluster: LocalCluster) -> None:
+    async def body() -> None:
+        async with await KvClient.open(coordinator=cluster.coordinator, timeout=10) as kv:
+            table = await kv.create_table("durable")
+            status = await gather_status(cluster.coordinator)
+            master = next(t["server"] for t in status["tablets"] if t["table"] == table)
+            acked: dict[bytes, bytes] = {}
+            for i in range(150):
+                key, value = f"a{i}".encode(), os.urandom(100)
+                await kv.write(table, key, value)
+                acked[key] = value
+                if i == 50:  # kill one server that is not the master: a backup of its segments
+                    victim = next(n for n, s in enumerate(status["servers"]) if s["id"] != master)
+                    proc = cluster.procs[1 + victim]
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+            for key, value in acked.items():
+                assert (await kv.read(table, key))[0] == value
+            status = await gather_status(cluster.coordinator)
+            master_stats = next(s for s in status["servers"] if s["id"] == master)["stats"]
+            assert master_stats["replication"]["replacements"] >= 1
+
+    trio.run(body)
+
+
+def test_cli_put_get_rm_and_status_json(
+    cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = ["--coordinator", cluster.coordinator]
+    assert main(["put", *coord, "cli", "hello", "world"]) == 0
+    assert "version" in capsys.readouterr().out
+    assert main(["get", *coord, "cli", "hello"]) == 0
+    assert capsys.readouterr().out.strip() == "world"
+    assert main(["rm", *coord, "cli", "hello"]) == 0
+    capsys.readouterr()
+    assert main(["get", *coord, "cli", "hello"]) == 1
+    assert main(["status", *coord, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"servers"' in out and '"tablets"' in out
+
+    async def gone() -> None:
+        async with await KvClient.open(coordinator=cluster.coordinator) as kv:
+            with pytest.raises(ObjectDoesntExist):
+                await kv.read(await kv.get_table_id("cli"), b"hello")
+
+    trio.run(gone)
+
+
+def test_restarted_coordinator_resumes_tables(tmp_path: Path) -> None:
+    c = LocalCluster(
+        str(tmp_path / "kv"),
+        servers=1,
+        replicas=0,
+        memory_mb=32,
+        durability="buffered",
+        segment_kb=1024,
+    )
+    c.start(progress=lambda _msg: None)
+    try:
+
+        async def create() -> int:
+            async with await KvClient.open(coordinator=c.coordinator) as kv:
+                table = await kv.create_table("kept")
+                await kv.write(table, b"k", b"v")
+                return table
+
+        table = trio.run(create)
+        coordinator = c.procs[0]
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait()
+        _proc, address = c._spawn(
+            [
+                "coordinator",
+                "--listen",
+                c.coordinator,
+                "--dir",
+                os.path.join(c.directory, "coordinator"),
+            ]
+        )
+
+        async def check() -> None:
+            async with await KvClient.open(coordinator=address, timeout=10) as kv:
+                assert await kv.get_table_id("kept") == table
+                assert (await kv.read(table, b"k"))[0] == b"v"
+
+        trio.run(check)
+    finally:
+        c.stop()
