@@ -27,6 +27,9 @@ class Subcommand(Protocol):
 SUBCOMMANDS: dict[str, str] = {
     "rpc": "perf.rpc",
     "demo": "perf.demo",
+    "memory": "perf.memory",
+    "cleaner": "perf.cleaner",
+    "kv": "perf.kv",
 }
 """Subcommand name -> module implementing the ``Subcommand`` protocol."""
 

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         Column("system", "system"),
         Column("median_us", "median_us", "{:.1f}"),
         Column("p99_us", "p99_us", "{:.1f}"),
-        Column("x raw", "ratio", "{:.2f}"),
+        Column("ratio", "x raw", "{:.2f}"),
         Column("error", "error"),
     )
     print("\nEcho round trips (server in another process, loopback):")

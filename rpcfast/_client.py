@@ -32,6 +32,13 @@ from rpcfast.transports import client_transport
 _clock = time.perf_counter
 _now_ns = time.perf_counter_ns
 _STATUS = {int(s): s for s in Status}
+_HEADER_SIZE = _wire.HEADER_SIZE
+_FLAG_TRACE = _wire.FLAG_TRACE
+_TRACE = _wire.TRACE
+_pack_request = _wire.REQUEST.pack
+_unpack_response = _wire.RESPONSE.unpack_from
+_STATUS_OK = int(Status.OK)
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 
 
 class Connection:
@@ -46,6 +53,8 @@ class Connection:
         self.timeout = timeout
         self.trace = trace
         self._closed = False
+        self._call_spin = self.dispatcher.config.call_spin
+        self._poll_once = self.dispatcher.poll_once
 
     async def __aenter__(self) -> Connection:
         return self
@@ -74,21 +83,52 @@ class Connection:
         timeout: float | None = None,
     ) -> Body | None:
         """Call ``method``; ``params`` is None, a mapping of fields, or a params builder."""
-        body = method.params.encode(params)
+        header = _pack_request(spec.service_id, method.ordinal, 0)
+        return await self._call(spec, method, header, params, timeout)
+
+    async def _call(
+        self,
+        spec: InterfaceSpec,
+        method: MethodSpec,
+        header: bytes,
+        params: Any,
+        timeout: float | None,
+    ) -> Body | None:
+        """:meth:`call` with the untraced request header already packed (stubs cache it)."""
+        if params is None and method.params.empty:
+            message = [header]
+        else:
+            body = method.params.encode(params)
+            message = [header, body] if body else [header]
         trace = self.trace
-        flags = _wire.FLAG_TRACE if trace is not None else 0
-        header = _wire.REQUEST.pack(spec.service_id, method.ordinal, flags)
-        payload = await self.call_raw([header, body], timeout=timeout)
-        status, rflags, code = _wire.RESPONSE.unpack_from(payload)
-        offset = _wire.HEADER_SIZE
-        if rflags & _wire.FLAG_TRACE:
-            stamps = _wire.TRACE.unpack_from(payload, offset)
-            offset += _wire.TRACE.size
+        if trace is not None:
+            message[0] = _pack_request(spec.service_id, method.ordinal, _FLAG_TRACE)
+        if self._closed:
+            raise RuntimeError("connection is closed")
+        await _checkpoint_if_cancelled()
+        if timeout is None:
+            timeout = self.timeout
+        pending = self._send_and_spin(message, timeout)
+        if not pending.done:
+            await self._sleep_until_done(pending, timeout)
+        if pending.error is not None:
+            raise pending.error
+        payload = pending.payload
+        assert payload is not None
+        status, rflags, code = _unpack_response(payload)
+        if not rflags and status == _STATUS_OK:
+            if len(payload) == _HEADER_SIZE and method.results.empty:
+                return None  # what an empty result struct decodes to, without the call
+            return method.results.decode(payload[_HEADER_SIZE:])
+        offset = _HEADER_SIZE
+        if rflags & _FLAG_TRACE:
+            stamps = _TRACE.unpack_from(payload, offset)
+            offset += _TRACE.size
             if trace is not None:
-                trace.add((self._last_sent_ns, *stamps, self._last_recv_ns))
-        if status != Status.OK:
-            message = bytes(payload[offset:]).decode("utf-8", "replace")
-            raise RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message, code)
+                trace.add((pending.sent_ns, *stamps, pending.recv_ns))
+        if status != _STATUS_OK:
+            message_text = bytes(payload[offset:]).decode("utf-8", "replace")
+            raise RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message_text, code)
         return method.results.decode(payload[offset:])
 
     _last_sent_ns = 0
@@ -146,40 +186,50 @@ class Connection:
         """Send one request message (scatter list) and return the raw response message."""
         if self._closed:
             raise RuntimeError("connection is closed")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await _checkpoint_if_cancelled()
         if timeout is None:
             timeout = self.timeout
-        dispatcher = self.dispatcher
-        pending = PendingCall()
-        start = _clock()
-        sent_ns = _now_ns()
-        self.transport.call(self.peer, message, pending)
+        pending = self._send_and_spin(message, timeout)
         if not pending.done:
-            spin_until = start + dispatcher.config.call_spin
-            if timeout is not None and start + timeout < spin_until:
-                spin_until = start + timeout
-            poll_once = dispatcher.poll_once
-            while not pending.done:
-                poll_once()
-                if _clock() > spin_until:
-                    break
-            if not pending.done:
-                await self._sleep_until_done(pending, start, timeout)
+            await self._sleep_until_done(pending, timeout)
         if self.trace is not None:
-            self._last_sent_ns = sent_ns
-            self._last_recv_ns = _now_ns()
+            self._last_sent_ns = pending.sent_ns
+            self._last_recv_ns = pending.recv_ns
         if pending.error is not None:
             raise pending.error
         payload = pending.payload
         assert payload is not None
         return payload
 
-    async def _sleep_until_done(
-        self, pending: PendingCall, start: float, timeout: float | None
-    ) -> None:
+    def _send_and_spin(self, message: list[Any], timeout: float | None) -> PendingCall:
+        """Send, then drive the dispatcher inline for up to ``call_spin`` (no task switch):
+        the fast path. The returned call may still be running."""
+        pending = PendingCall()
+        start = pending.started = _clock()
+        tracing = self.trace is not None
+        if tracing:
+            pending.sent_ns = _now_ns()
+        self.transport.call(self.peer, message, pending)
+        if not pending.done:
+            spin_until = start + self._call_spin
+            if timeout is not None and start + timeout < spin_until:
+                spin_until = start + timeout
+            poll_once = self._poll_once
+            while True:
+                poll_once()
+                if pending.done or _clock() > spin_until:
+                    break
+        if tracing and pending.done:
+            pending.recv_ns = _now_ns()
+        return pending
+
+    async def _sleep_until_done(self, pending: PendingCall, timeout: float | None) -> None:
         event = pending.event = trio.Event()
         pending.waker = self.dispatcher.request_yield
-        deadline = trio.current_time() + (timeout - (_clock() - start)) if timeout else math.inf
+        if timeout:
+            deadline = trio.current_time() + (timeout - (_clock() - pending.started))
+        else:
+            deadline = math.inf
         try:
             with trio.move_on_at(deadline):
                 await event.wait()
@@ -190,6 +240,8 @@ class Connection:
         if not pending.done:
             self.transport.cancel(pending)
             raise RpcTimeout(f"no response from {self.address} within {timeout} s")
+        if self.trace is not None:
+            pending.recv_ns = _now_ns()
 
 
 class Stub:
@@ -204,6 +256,8 @@ class Stub:
         if method is None:
             raise AttributeError(f"{self._spec.name} has no method {name!r}")
         connection, spec = self._connection, self._spec
+        header = _pack_request(spec.service_id, method.ordinal, 0)
+        invoke = connection._call
 
         async def call(
             _params: Mapping[str, Any] | None = None,
@@ -212,7 +266,7 @@ class Stub:
             timeout: float | None = None,
             **fields: Any,
         ) -> Body | None:
-            return await connection.call(spec, method, _params or fields or None, timeout=timeout)
+            return await invoke(spec, method, header, _params or fields or None, timeout)
 
         call.__name__ = name
         setattr(self, name, call)

@@ -18,7 +18,18 @@ class PendingCall:
     callers (``Connection.start``) set ``callback``, run inside the dispatcher's poll.
     """
 
-    __slots__ = ("callback", "done", "error", "event", "handle", "payload", "sent_ns", "waker")
+    __slots__ = (
+        "callback",
+        "done",
+        "error",
+        "event",
+        "handle",
+        "payload",
+        "recv_ns",
+        "sent_ns",
+        "started",
+        "waker",
+    )
 
     def __init__(self) -> None:
         self.done = False
@@ -27,6 +38,8 @@ class PendingCall:
         self.event: trio.Event | None = None
         self.handle: Any = None
         self.sent_ns = 0
+        self.recv_ns = 0
+        self.started = 0.0
         self.waker: Any = None
         self.callback: Callable[[PendingCall], None] | None = None
 

@@ -69,7 +69,7 @@ import struct
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -117,6 +117,13 @@ _RETRANSMISSION: Final = 2
 _RESTART: Final = 4
 _PING: Final = 8  # a RESEND from a client that has no response data yet
 _ALL_FLAGS: Final = _FROM_CLIENT | _RETRANSMISSION | _RESTART | _PING
+
+# the fast receive path reads the header as five words: (magic, kind, flags, reserved) as one
+# u32 and (offset, frag, ack) as one u64, so a first transmission is recognised by two compares
+_FAST: Final = struct.Struct("<IIQQQ")
+_REQUEST_HEAD: Final = _MAGIC | _ALL_DATA << 8 | _FROM_CLIENT << 16
+_RESPONSE_HEAD: Final = _MAGIC | _ALL_DATA << 8
+_TAIL_NO_ACK: Final = (1 << 48) - 1  # offset and frag: zero in an ALL_DATA datagram
 
 _REASON_TOO_LARGE: Final = 1
 _REASONS: Final = {_REASON_TOO_LARGE: "refused by server: message too large"}
@@ -417,6 +424,24 @@ class _ServerRpc(_Sender):
         self.tx = None
 
 
+_SMALL: Final = 2048
+"""Messages up to this size made only of ``bytes`` are joined into one buffer: copying a few
+hundred bytes costs less than a scatter send, and the driver can use ``sendto``."""
+
+
+def _join_small(message: Sequence[Buffer]) -> bytes | None:
+    """``message`` as one bytes object if it is short and made of bytes only, else None."""
+    if len(message) == 1:
+        only = message[0]
+        return only if type(only) is bytes and len(only) <= _SMALL else None
+    total = 0
+    for buf in message:
+        if type(buf) is not bytes:
+            return None
+        total += len(buf)
+    return b"".join(message) if total <= _SMALL else None
+
+
 def _gather(message: Sequence[Buffer]) -> tuple[Sequence[Buffer], int]:
     """Flat non-empty byte views of a scatter list and its total length, without copying."""
     if len(message) == 1:
@@ -440,9 +465,11 @@ def _gather(message: Sequence[Buffer]) -> tuple[Sequence[Buffer], int]:
 class SessionCore:
     """Reliable RPC over datagrams, both roles at once; pure state, no I/O and no clock.
 
-    The driver pops ``outbox`` (``(peer, buffers)``: ``sock.sendmsg(list(buffers), peer)``) and
-    ``events`` after every call into the core, and calls ``on_timer`` at ``next_deadline()``.
-    Buffers passed to ``call``/``reply`` are referenced, not copied, until the RPC is finished.
+    The driver pops ``outbox`` (``(peer, buffers)``: ``sock.sendmsg(list(buffers), peer)``, or
+    ``sendto`` when there is one buffer) and ``events`` after every call into the core, and calls
+    ``on_timer`` at ``next_deadline()`` (re-read it whenever ``deadline_moved`` is set). Buffers
+    passed to ``call``/``reply`` are referenced, not copied, until the RPC is finished; short
+    messages made of ``bytes`` are joined into one buffer (a small copy beats a scatter send).
     """
 
     __slots__ = (
@@ -451,7 +478,10 @@ class SessionCore:
         "_frag",
         "_grant_step",
         "_idle",
+        "_keep",
         "_kept",
+        "_last_rpc",
+        "_last_token",
         "_linger",
         "_lowest",
         "_max_in",
@@ -466,8 +496,11 @@ class SessionCore:
         "_window",
         "client_id",
         "config",
+        "deadline_moved",
         "events",
         "outbox",
+        "request_sink",
+        "response_sink",
         "stats",
     )
 
@@ -480,6 +513,10 @@ class SessionCore:
         self.client_id = client_id
         self.outbox: deque[Datagram] = deque()
         self.events: deque[Event] = deque()
+        # when set, requests and responses go straight to these (called as the last step of
+        # receive, so they may call back into the core) instead of through ``events``
+        self.request_sink: Callable[[RequestToken, memoryview], None] | None = None
+        self.response_sink: Callable[[int, memoryview], None] | None = None
         self.stats = SessionStats()
         self._frag = (config.max_datagram - HEADER_SIZE) // 8 * 8
         self._max_in = config.max_datagram
@@ -500,6 +537,13 @@ class SessionCore:
         self._idle: dict[_RemoteClient, None] = {}
         self._sweep_at: float | None = None
         self._tick_at: float | None = None
+        self._keep = config.response_keep
+        # set when a timer was armed since the driver last looked: the driver then tells its
+        # scheduler next_deadline() and clears it (cheaper than asking after every call)
+        self.deadline_moved = False
+        # the request delivered last, so its reply (usually the very next call) skips lookups
+        self._last_token: RequestToken | None = None
+        self._last_rpc: _ServerRpc | None = None
 
     # -- introspection ----------------------------------------------------------------------------
     def outstanding_calls(self) -> int:
@@ -520,16 +564,41 @@ class SessionCore:
     # -- client role --------------------------------------------------------------------------
     def call(self, peer: Addr, message: Sequence[Buffer], now: float) -> int:
         """Start an RPC; returns its rpc_id. Raises ValueError over ``max_message``."""
-        if len(message) == 1 and type(message[0]) is bytes:  # the common case, inline
-            views: Sequence[Buffer] = (message[0],)
-            total = len(message[0])
+        if len(message) == 1:
+            small: Buffer | None = message[0]
+            if type(small) is not bytes or len(small) > _SMALL:
+                small = None
+        else:
+            small = _join_small(message)
+        seq = self._next_seq
+        calls = self._calls
+        if small is not None and len(small) <= self._frag and len(small) <= self._max_message:
+            # the common case, kept short: one datagram, one contiguous buffer
+            self._next_seq = seq + 1
+            if calls:
+                ack = seq - self._lowest
+                if ack > _MAX_ACK:
+                    ack = _MAX_ACK
+            else:
+                self._lowest = seq
+                ack = 0
+            cid = self.client_id
+            calls[seq] = _ClientRpc(peer, cid, seq, (small,), len(small), now)
+            head = _FAST.pack(_REQUEST_HEAD, len(small), cid, seq, ack << 48)
+            self.outbox.append((peer, (head + small,)))
+            self.stats.datagrams_out += 1
+            if self._tick_at is None:
+                self._tick_at = now + self._ri
+                self.deadline_moved = True
+            return seq
+        if small is not None:
+            views: Sequence[Buffer] = (small,)
+            total = len(small)
         else:
             views, total = _gather(message)
         if total > self._max_message:
             raise ValueError(f"message of {total} bytes exceeds max_message {self._max_message}")
-        seq = self._next_seq
         self._next_seq = seq + 1
-        calls = self._calls
         if not calls:
             self._lowest = seq
         rpc = _ClientRpc(peer, self.client_id, seq, views, total, now)
@@ -554,6 +623,7 @@ class SessionCore:
             self._start_fragments(rpc, now)
         if self._tick_at is None:
             self._tick_at = now + self._ri
+            self.deadline_moved = True
         return seq
 
     def cancel(self, rpc_id: int, now: float) -> None:
@@ -570,21 +640,29 @@ class SessionCore:
         """Send the response for a delivered request. A reply for a request the client has
         cancelled or abandoned is dropped silently. Raises ValueError over ``max_message`` (the
         request stays in progress so a smaller error reply can follow)."""
-        peer, cid, seq = token
-        owner = self._clients.get((peer, cid))
-        rpc = None if owner is None else owner.rpcs.get(seq)
+        if token is self._last_token:  # the request just delivered: skip the lookups
+            rpc: _ServerRpc | None = self._last_rpc
+        else:
+            owner = self._clients.get((token[0], token[1]))
+            rpc = None if owner is None else owner.rpcs.get(token[2])
         if rpc is None or rpc.state != _IN_PROGRESS:
             self.stats.replies_dropped += 1
             return
-        if len(message) == 1 and type(message[0]) is bytes:
-            views: Sequence[Buffer] = (message[0],)
-            total = len(message[0])
+        if len(message) == 1:
+            small: Buffer | None = message[0]
+            if type(small) is not bytes or len(small) > _SMALL:
+                small = None
+        else:
+            small = _join_small(message)
+        if small is not None:
+            views: Sequence[Buffer] = (small,)
+            total = len(small)
         else:
             views, total = _gather(message)
         if total > self._max_message:
             raise ValueError(f"message of {total} bytes exceeds max_message {self._max_message}")
-        assert owner is not None
-        if seq < owner.floor:  # the client gave up on it
+        seq = rpc.seq
+        if seq < rpc.owner.floor:  # the client gave up on it
             self.stats.replies_dropped += 1
             self._forget(rpc, now)
             return
@@ -593,64 +671,103 @@ class SessionCore:
         rpc.total = total
         rpc.last_heard = now
         self._kept += 1
-        self._linger_add(rpc, now)
+        self._linger[rpc] = None
+        if self._sweep_at is None:
+            self._sweep_at = now + self._keep
+            self.deadline_moved = True
         if total <= self._frag:
-            rpc.starts = None
             rpc.sent = total
             rpc.last_tx = now
-            header = _HEADER.pack(_MAGIC, _ALL_DATA, 0, 0, total, cid, seq, 0, 0, 0)
-            self.outbox.append((peer, (header, *views)))
+            if small is not None:
+                head = _FAST.pack(_RESPONSE_HEAD, total, rpc.cid, seq, 0)
+                self.outbox.append((rpc.peer, (head + small,)))
+            else:
+                header = _HEADER.pack(_MAGIC, _ALL_DATA, 0, 0, total, rpc.cid, seq, 0, 0, 0)
+                self.outbox.append((rpc.peer, (header, *views)))
             self.stats.datagrams_out += 1
         else:
             self._start_fragments(rpc, now)
 
     # -- input --------------------------------------------------------------------------------
-    def receive(self, datagram: bytes | bytearray | memoryview, peer: Addr, now: float) -> None:
-        """Feed one datagram from ``peer``. Never raises on bad input: malformed, unknown and
+    def receive(self, datagram: bytes | bytearray | memoryview, peer: Addr, now: float) -> bool:
+        """Feed one datagram from ``peer``; returns whether it completed a request or response
+        (delivered as an event or to a sink). Never raises on bad input: malformed, unknown and
         duplicate datagrams are dropped and counted. A single-datagram payload is delivered as a
         memoryview of ``datagram`` itself, so the driver must not reuse that buffer."""
-        stats = self.stats
-        stats.datagrams_in += 1
-        try:
-            if type(datagram) is not bytes:
-                datagram = _byte_view_untrusted(datagram)
+        self.stats.datagrams_in += 1
+        # fast path: a first transmission of a whole message in one bytes datagram; the first
+        # word holds magic, kind and flags, the last one offset, frag and ack
+        if type(datagram) is bytes:
             size = len(datagram)
-            if size > self._max_in:
-                raise MalformedPacket(f"datagram of {size} bytes exceeds max_datagram")
-            _, kind, flags, _, length, cid, seq, offset, frag, ack = _parse_header_untrusted(
-                datagram
-            )
-            if kind == _ALL_DATA:
-                if size - HEADER_SIZE != length or offset or frag:
-                    raise MalformedPacket("ALL_DATA length disagrees with the datagram")
-                if flags & _FROM_CLIENT:
-                    self._request_whole(datagram, peer, cid, seq, ack, now)
-                    return
-                if cid != self.client_id:
-                    stats.dropped_unknown += 1
-                    return
-                rpc = self._calls.get(seq)
-                if rpc is None or rpc.peer != peer or rpc.resp is not None:
-                    stats.dropped_unknown += 1
-                    return
-                del self._calls[seq]
-                if seq == self._lowest:
-                    self._lowest = next(iter(self._calls), self._next_seq)
-                self.events.append((EV_RESPONSE, seq, memoryview(datagram)[HEADER_SIZE:]))
-            elif kind == _DATA:
-                _check_fragment_untrusted(length, offset, frag, size - HEADER_SIZE)
-                if flags & _FROM_CLIENT:
-                    self._request_fragment(datagram, peer, cid, seq, length, offset, frag, ack, now)
-                else:
-                    self._response_fragment(datagram, peer, cid, seq, length, offset, frag, now)
-            elif size != HEADER_SIZE:
-                raise MalformedPacket("control packet with a payload")
-            elif flags & _FROM_CLIENT:
-                self._control_from_client(kind, flags, peer, cid, seq, length, offset, now)
-            else:
-                self._control_from_server(kind, flags, peer, cid, seq, length, offset, now)
+            if HEADER_SIZE <= size <= self._max_in:
+                head, length, cid, seq, tail = _FAST.unpack_from(datagram)
+                if length == size - HEADER_SIZE:
+                    if head == _REQUEST_HEAD and not tail & _TAIL_NO_ACK:
+                        return self._request_whole(datagram, peer, cid, seq, tail >> 48, now)
+                    if head == _RESPONSE_HEAD and not tail:
+                        calls = self._calls
+                        rpc = calls.get(seq) if cid == self.client_id else None
+                        if rpc is None or rpc.resp is not None or rpc.peer != peer:
+                            self.stats.dropped_unknown += 1
+                            return False
+                        del calls[seq]
+                        if seq == self._lowest:
+                            self._lowest = next(iter(calls), self._next_seq)
+                        sink = self.response_sink
+                        if sink is None:
+                            self.events.append(
+                                (EV_RESPONSE, seq, memoryview(datagram)[HEADER_SIZE:])
+                            )
+                        else:
+                            sink(seq, memoryview(datagram)[HEADER_SIZE:])
+                        return True
+        try:
+            return self._receive_general(datagram, peer, now)
         except MalformedPacket:
-            stats.dropped_malformed += 1
+            self.stats.dropped_malformed += 1
+            return False
+
+    def _receive_general(
+        self, datagram: bytes | bytearray | memoryview, peer: Addr, now: float
+    ) -> bool:
+        stats = self.stats
+        if type(datagram) is not bytes:
+            datagram = _byte_view_untrusted(datagram)
+        size = len(datagram)
+        if size > self._max_in:
+            raise MalformedPacket(f"datagram of {size} bytes exceeds max_datagram")
+        _, kind, flags, _, length, cid, seq, offset, frag, ack = _parse_header_untrusted(datagram)
+        if kind == _ALL_DATA:
+            if size - HEADER_SIZE != length or offset or frag:
+                raise MalformedPacket("ALL_DATA length disagrees with the datagram")
+            if flags & _FROM_CLIENT:
+                return self._request_whole(datagram, peer, cid, seq, ack, now)
+            if cid != self.client_id:
+                stats.dropped_unknown += 1
+                return False
+            rpc = self._calls.get(seq)
+            if rpc is None or rpc.peer != peer or rpc.resp is not None:
+                stats.dropped_unknown += 1
+                return False
+            del self._calls[seq]
+            if seq == self._lowest:
+                self._lowest = next(iter(self._calls), self._next_seq)
+            self._response(seq, memoryview(datagram)[HEADER_SIZE:])
+            return True
+        if kind == _DATA:
+            _check_fragment_untrusted(length, offset, frag, size - HEADER_SIZE)
+            if flags & _FROM_CLIENT:
+                return self._request_fragment(
+                    datagram, peer, cid, seq, length, offset, frag, ack, now
+                )
+            return self._response_fragment(datagram, peer, cid, seq, length, offset, frag, now)
+        if size != HEADER_SIZE:
+            raise MalformedPacket("control packet with a payload")
+        if flags & _FROM_CLIENT:
+            self._control_from_client(kind, flags, peer, cid, seq, length, offset, now)
+        else:
+            self._control_from_server(kind, flags, peer, cid, seq, length, offset, now)
+        return False
 
     # -- timers -------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -701,6 +818,7 @@ class SessionCore:
         self._linger[rpc] = None
         if self._sweep_at is None:
             self._sweep_at = now + self.config.response_keep
+            self.deadline_moved = True
 
     def _tick(self, now: float) -> None:
         ri = self._ri
@@ -860,6 +978,23 @@ class SessionCore:
             self.outbox.append((peer, (header,)))
             self.stats.datagrams_out += 1
 
+    # -- internals: delivery ------------------------------------------------------------------
+    def _response(self, seq: int, payload: memoryview) -> None:
+        sink = self.response_sink
+        if sink is None:
+            self.events.append((EV_RESPONSE, seq, payload))
+        else:
+            sink(seq, payload)
+
+    def _request(self, rpc: _ServerRpc, payload: memoryview) -> None:
+        self._last_token = rpc.token
+        self._last_rpc = rpc
+        sink = self.request_sink
+        if sink is None:
+            self.events.append((EV_REQUEST, rpc.token, payload))
+        else:
+            sink(rpc.token, payload)
+
     # -- internals: client side ---------------------------------------------------------------
     def _call_done(self, seq: int) -> None:
         if seq == self._lowest:
@@ -890,27 +1025,29 @@ class SessionCore:
         offset: int,
         frag: int,
         now: float,
-    ) -> None:
+    ) -> bool:
         rpc = self._client_rpc(peer, cid, seq)
         if rpc is None:
-            return
+            return False
         rpc.last_heard = now
         msg = rpc.resp
         if msg is None:
             if length > self._max_message:
                 self._fail(rpc, f"response of {length} bytes exceeds max_message")
-                return
+                return False
             msg = rpc.resp = _InMessage(length, frag, self._window, now)
             rpc.views = ()  # the server has the whole request
         state = msg.add_untrusted(length, offset, frag, memoryview(datagram)[HEADER_SIZE:], now)
         if state == 2:
             del self._calls[seq]
             self._call_done(seq)
-            self.events.append((EV_RESPONSE, seq, memoryview(msg.buf)))
-        elif state == 1:
+            self._response(seq, memoryview(msg.buf))
+            return True
+        if state == 1:
             self._grant(msg, peer, cid, seq, _FROM_CLIENT)
         else:
             self.stats.duplicates += 1
+        return False
 
     def _control_from_server(
         self,
@@ -954,28 +1091,38 @@ class SessionCore:
     # -- internals: server side ---------------------------------------------------------------
     def _request_whole(
         self, datagram: bytes | memoryview, peer: Addr, cid: int, seq: int, ack: int, now: float
-    ) -> None:
-        key = (peer, cid)
-        owner = self._clients.get(key)
-        if owner is not None:
-            rpc = owner.rpcs.get(seq)
-            if rpc is not None:
-                self._duplicate_request(rpc, now)
-                return
+    ) -> bool:
+        owner = self._clients.get((peer, cid))
+        if owner is None:
+            if len(datagram) - HEADER_SIZE > self._max_message:
+                self._refuse(peer, cid, seq)
+                return False
+            key = (peer, cid)
+            owner = self._clients[key] = _RemoteClient(key, seq - ack)
+        else:
+            rpcs = owner.rpcs
+            if seq in rpcs:
+                self._duplicate_request(rpcs[seq], now)
+                return False
             if seq < owner.floor:
                 self.stats.duplicates += 1
-                return
-        if len(datagram) - HEADER_SIZE > self._max_message:
-            self._refuse(peer, cid, seq)
-            return
-        if owner is None:
-            owner = self._clients[key] = _RemoteClient(key, seq - ack)
+                return False
+            if len(datagram) - HEADER_SIZE > self._max_message:
+                self._refuse(peer, cid, seq)
+                return False
         token = (peer, cid, seq)
-        owner.rpcs[seq] = _ServerRpc(token, owner, _IN_PROGRESS, now)
+        rpc = owner.rpcs[seq] = _ServerRpc(token, owner, _IN_PROGRESS, now)
         floor = seq - ack  # after the insert, so the client record never looks idle
         if floor > owner.floor:
             self._advance_floor(owner, floor, now)
-        self.events.append((EV_REQUEST, token, memoryview(datagram)[HEADER_SIZE:]))
+        self._last_token = token
+        self._last_rpc = rpc
+        sink = self.request_sink
+        if sink is None:
+            self.events.append((EV_REQUEST, token, memoryview(datagram)[HEADER_SIZE:]))
+        else:
+            sink(token, memoryview(datagram)[HEADER_SIZE:])
+        return True
 
     def _request_fragment(
         self,
@@ -988,7 +1135,7 @@ class SessionCore:
         frag: int,
         ack: int,
         now: float,
-    ) -> None:
+    ) -> bool:
         key = (peer, cid)
         owner = self._clients.get(key)
         rpc = None
@@ -999,17 +1146,17 @@ class SessionCore:
             rpc = owner.rpcs.get(seq)
             if rpc is None and seq < owner.floor:
                 self.stats.duplicates += 1
-                return
+                return False
         if rpc is None:
             if length > self._max_message:
                 self._refuse(peer, cid, seq)
-                return
+                return False
             if (
                 len(self._partials) >= self.config.max_partial_messages
                 or self._partial_bytes + length > self.config.max_reassembly_bytes
             ):
                 self.stats.dropped_capacity += 1
-                return
+                return False
             if owner is None:
                 owner = self._clients[key] = _RemoteClient(key, seq - ack)
             rpc = _ServerRpc((peer, cid, seq), owner, _RECEIVING, now)
@@ -1019,9 +1166,10 @@ class SessionCore:
             self._partial_bytes += length
             if self._tick_at is None:
                 self._tick_at = now + self._ri
+                self.deadline_moved = True
         elif rpc.state != _RECEIVING:
             self._duplicate_request(rpc, now)
-            return
+            return False
         msg = rpc.inmsg
         assert msg is not None
         rpc.last_heard = now
@@ -1031,11 +1179,13 @@ class SessionCore:
             self._partial_bytes -= msg.total
             rpc.inmsg = None
             rpc.state = _IN_PROGRESS
-            self.events.append((EV_REQUEST, rpc.token, memoryview(msg.buf)))
-        elif state == 1:
+            self._request(rpc, memoryview(msg.buf))
+            return True
+        if state == 1:
             self._grant(msg, peer, cid, seq, 0)
         else:
             self.stats.duplicates += 1
+        return False
 
     def _duplicate_request(self, rpc: _ServerRpc, now: float) -> None:
         """A request packet for an RPC already delivered: never run it again; if a small
@@ -1142,17 +1292,28 @@ class SessionCore:
                 self._idle[owner] = None
                 if self._sweep_at is None:
                     self._sweep_at = now + self.config.response_keep
+                    self.deadline_moved = True
 
     def _advance_floor(self, owner: _RemoteClient, floor: int, now: float) -> None:
         """The client finished everything below ``floor``: free what it no longer needs."""
         owner.floor = floor
+        rpcs = owner.rpcs
         done = []
-        for seq, rpc in owner.rpcs.items():  # roughly in sequence order: stop at the floor
+        for seq, rpc in rpcs.items():  # roughly in sequence order: stop at the floor
             if seq >= floor:
                 break
             if rpc.state != _IN_PROGRESS:
                 done.append(rpc)
         for rpc in done:
-            if rpc.state == _RESPONDING:
+            if rpc.state == _RESPONDING and len(rpcs) > 1:
+                # the common case (the previous response, acknowledged), inline: see _forget
                 self.stats.responses_acked += 1
-            self._forget(rpc, now)
+                self._kept -= 1
+                rpc.state = _DEAD
+                rpc.views = ()
+                del self._linger[rpc]
+                del rpcs[rpc.seq]
+            else:
+                if rpc.state == _RESPONDING:
+                    self.stats.responses_acked += 1
+                self._forget(rpc, now)

@@ -44,7 +44,7 @@ class DispatchConfig:
     """Longest stretch the loop spins without letting other trio tasks run."""
     call_spin: float = 0.0005
     """Seconds a caller drives the loop inline while waiting for its own response."""
-    share_cpu: bool = True
+    share_cpu: bool = False
     """Call ``sched_yield`` on idle spins, so a spinning process gives its core to any other
     runnable process (a 2-core machine running client, master and backups) at ~0.3 us a spin."""
     gap_warning: float = 0.010
@@ -69,6 +69,8 @@ class Dispatcher:
         self.config = config or DispatchConfig()
         self.stats = DispatchStats()
         self._transports: list[Transport] = []
+        self._polls: tuple[Callable[[float], bool], ...] = ()  # bound Transport.poll methods
+        self._gap_warning = self.config.gap_warning
         self._epoll = select.epoll()
         self._registered: set[int] = set()
         self._next_deadline = math.inf
@@ -82,12 +84,14 @@ class Dispatcher:
     # -- transports -------------------------------------------------------------------------------
     def add_transport(self, transport: Transport) -> None:
         self._transports.append(transport)
+        self._polls = tuple(t.poll for t in self._transports)
         self.refresh_fds()
         self.wake()
 
     def remove_transport(self, transport: Transport) -> None:
         if transport in self._transports:
             self._transports.remove(transport)
+        self._polls = tuple(t.poll for t in self._transports)
         self.refresh_fds()
 
     @property
@@ -139,13 +143,12 @@ class Dispatcher:
     def poll_once(self) -> bool:
         """Poll every transport once and run due timers; return whether any work was done."""
         now = _clock()
-        gap = now - self._last_poll
-        if gap > self.config.gap_warning:
-            self._note_gap(gap)
+        if now - self._last_poll > self._gap_warning:
+            self._note_gap(now - self._last_poll)
         self._last_poll = now
         worked = False
-        for transport in self._transports:
-            if transport.poll(now):
+        for poll in self._polls:
+            if poll(now):
                 worked = True
         if now >= self._next_deadline:
             self._run_timers(now)
@@ -225,6 +228,7 @@ class Dispatcher:
             except Exception:
                 log.exception("closing %r failed", transport)
         self._transports.clear()
+        self._polls = ()
         self._epoll.close()
 
     @property

@@ -15,6 +15,7 @@ import logging
 import socket
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs
 
@@ -28,13 +29,14 @@ from rpcfast._session import (
     SessionCore,
 )
 from rpcfast._types import Buffer
-from rpcfast.transports._base import Transport
+from rpcfast.transports._base import RequestSink, Transport
 
 if TYPE_CHECKING:
     from rpcfast._pending import PendingCall
     from rpcfast.dispatch import Dispatcher
 
 log = logging.getLogger("rpcfast.udp")
+_clock = time.perf_counter
 
 LOOPBACK_DATAGRAM = 65000
 NETWORK_DATAGRAM = 1472
@@ -95,6 +97,9 @@ class UdpTransport(Transport):
             sock.close()
             raise
         self.sock = sock
+        self._recvfrom = sock.recvfrom
+        self._sendto = sock.sendto
+        self._sendmsg = sock.sendmsg
         if max_datagram is None:
             max_datagram = LOOPBACK_DATAGRAM if is_loopback(host) else NETWORK_DATAGRAM
         if config is None:
@@ -102,13 +107,16 @@ class UdpTransport(Transport):
             window = max(2 * max_datagram, min(1024 * 1024, rcvbuf // 4))
             config = SessionConfig(max_datagram=max_datagram, window_bytes=window)
         self.config = config
-        self.core = SessionCore(config)
+        self.core = core = SessionCore(config)
+        core.response_sink = self._on_response
+        self.sink = self._sink
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
         self.address = f"udp://{shown}:{bound_port}"
         self._calls: dict[int, PendingCall] = {}
         self._peers: dict[str, Any] = {}
         self._closed = False
+        self._now = 0.0  # the current poll's time while it delivers events, else 0
         self.send_errors = 0
 
     @classmethod
@@ -126,24 +134,58 @@ class UdpTransport(Transport):
     # -- the hot path -----------------------------------------------------------------------------
     def poll(self, now: float) -> bool:
         core = self.core
-        recvfrom = self.sock.recvfrom
+        recvfrom = self._recvfrom
         receive = core.receive
         count = 0
-        while count < _BATCH:
-            try:
-                data, addr = recvfrom(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. an ICMP error queued on the socket
-                log.debug("udp receive error: %s", exc)
-                break
-            receive(data, addr, now)
-            count += 1
+        self._now = now  # replies sent by fast handlers reuse this clock reading
+        try:
+            while count < _BATCH:
+                try:
+                    data, addr = recvfrom(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # e.g. an ICMP error queued on the socket
+                    log.debug("udp receive error: %s", exc)
+                    break
+                count += 1
+                if receive(data, addr, now):
+                    # a request or response was handed over (and a fast reply sent): return,
+                    # so the dispatcher or the caller spinning on it goes on at once
+                    break
+        finally:
+            self._now = 0.0
         if core.events:
             self._deliver()
         if core.outbox:
             self._flush()
+        if core.deadline_moved:
+            self._rearm()
         return count > 0
+
+    def _on_response(self, rpc_id: int, payload: memoryview) -> None:
+        pending = self._calls.pop(rpc_id, None)
+        if pending is not None:
+            pending.complete(payload)
+
+    @property
+    def sink(self) -> RequestSink | None:
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: RequestSink | None) -> None:
+        """Requests go from the session core straight to the sink, without a call of ours."""
+        self._sink = sink
+        core: SessionCore | None = getattr(self, "core", None)  # None while __init__ runs
+        if core is not None:
+            core.request_sink = None if sink is None else partial(sink.on_request, self)
+
+    def _rearm(self) -> None:
+        """The core armed a timer: make sure the dispatcher runs ours by then."""
+        core = self.core
+        core.deadline_moved = False
+        deadline = core.next_deadline()
+        if deadline is not None:
+            self.dispatcher.schedule(deadline)
 
     def _deliver(self) -> None:
         events = self.core.events
@@ -169,17 +211,19 @@ class UdpTransport(Transport):
 
     def _flush(self) -> None:
         outbox = self.core.outbox
-        sendmsg = self.sock.sendmsg
         while outbox:
-            addr, buffers = outbox[0]
+            addr, buffers = outbox.popleft()
             try:
-                sendmsg(buffers, (), 0, addr)
+                if len(buffers) == 1:  # one contiguous datagram: the cheaper call
+                    self._sendto(buffers[0], addr)
+                else:
+                    self._sendmsg(buffers, (), 0, addr)
             except (BlockingIOError, InterruptedError):
+                outbox.appendleft((addr, buffers))
                 return  # socket buffer full: has_pending() keeps the dispatcher polling
             except OSError as exc:  # unreachable peer, message too long: the core resends or aborts
                 self.send_errors += 1
                 log.debug("udp send to %s failed: %s", addr, exc)
-            outbox.popleft()
 
     def _resolve(self, peer: str) -> Any:
         addr = self._peers.get(peer)
@@ -194,38 +238,45 @@ class UdpTransport(Transport):
         if self._closed:
             pending.fail(PeerDead("transport closed"))
             return
-        try:
-            addr = self._resolve(peer)
-        except (OSError, ValueError) as exc:
-            pending.fail(PeerDead(f"cannot resolve {peer!r}: {exc}"))
-            return
-        now = time.perf_counter()
-        rpc_id = self.core.call(addr, message, now)
+        addr = self._peers.get(peer)
+        if addr is None:
+            try:
+                addr = self._resolve(peer)
+            except (OSError, ValueError) as exc:
+                pending.fail(PeerDead(f"cannot resolve {peer!r}: {exc}"))
+                return
+        core = self.core
+        rpc_id = core.call(addr, message, pending.started or _clock())
         pending.handle = rpc_id
         self._calls[rpc_id] = pending
         self._flush()
-        self.dispatcher.schedule(now + self.config.resend_interval)
+        if core.deadline_moved:
+            self._rearm()
 
     def cancel(self, pending: PendingCall) -> None:
         rpc_id = pending.handle
         if rpc_id is None or self._calls.pop(rpc_id, None) is None:
             return
-        now = time.perf_counter()
-        self.core.cancel(rpc_id, now)
+        core = self.core
+        core.cancel(rpc_id, _clock())
         self._flush()
-        self.dispatcher.schedule(now + self.config.resend_interval)
+        if core.deadline_moved:
+            self._rearm()
 
     def reply(self, token: Any, message: Sequence[Buffer]) -> None:
         if self._closed:
             return
-        now = time.perf_counter()
-        self.core.reply(token, message, now)
+        core = self.core
+        # inside poll (a fast handler) the poll's clock reading is fresh enough
+        core.reply(token, message, self._now or _clock())
         self._flush()
-        self.dispatcher.schedule(now + self.config.resend_interval)
+        if core.deadline_moved:
+            self._rearm()
 
     def on_timer(self, now: float) -> None:
         core = self.core
         core.on_timer(now)
+        core.deadline_moved = False  # the dispatcher reads next_deadline() right after this
         if core.events:
             self._deliver()
         if core.outbox:

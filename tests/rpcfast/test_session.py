@@ -824,3 +824,45 @@ def test_mutated_valid_packets_never_raise(
 
 def test_recorded_exchange_covers_every_packet_kind() -> None:
     assert {data[1] for data in recorded_datagrams()} == set(range(_ALL_DATA, _ABORT + 1))
+
+
+def test_sinks_get_requests_and_responses_instead_of_events() -> None:
+    config = SessionConfig()
+    client, server = SessionCore(config, client_id=1), SessionCore(config, client_id=2)
+    got: list[tuple[str, Any, bytes]] = []
+
+    def on_request(token: Any, payload: memoryview) -> None:
+        got.append(("request", token, bytes(payload)))
+        server.reply(token, [b"po", b"ng"], 0.0)  # the sink may call back into the core
+
+    server.request_sink = on_request
+    client.response_sink = lambda rpc_id, payload: got.append(("response", rpc_id, bytes(payload)))
+    rpc_id = client.call("S", [b"pi", b"ng"], 0.0)
+    ((_, request),) = client.outbox
+    client.outbox.clear()
+    assert server.receive(b"".join(request), "C", 0.0) is True
+    ((_, response),) = server.outbox
+    assert client.receive(b"".join(response), "S", 0.0) is True
+    assert got == [("request", ("C", 1, rpc_id), b"ping"), ("response", rpc_id, b"pong")]
+    assert not client.events and not server.events
+    # a duplicate of the request is answered from the kept response, not delivered again
+    assert server.receive(b"".join(request), "C", 1.0) is False and len(got) == 2
+
+
+def test_deadline_moved_flags_every_newly_armed_timer() -> None:
+    def moved(core: SessionCore) -> bool:  # read through a call: mypy narrows attributes
+        return core.deadline_moved
+
+    config = SessionConfig()
+    client, server = SessionCore(config, client_id=1), SessionCore(config, client_id=2)
+    assert not moved(client)
+    client.call("S", [b"x"], 0.0)
+    assert moved(client) and client.next_deadline() == config.resend_interval
+    client.deadline_moved = False
+    client.call("S", [b"y"], 0.001)  # the tick is already armed
+    assert not moved(client)
+    _, parts = client.outbox.popleft()
+    server.receive(b"".join(parts), "C", 0.0)
+    _, token, _ = server.events.popleft()
+    server.reply(token, [b"z"], 0.0)  # a kept response arms the sweep
+    assert moved(server) and server.next_deadline() == config.response_keep
