@@ -98,8 +98,7 @@ class Connection:
         if params is None and method.params.empty:
             message = [header]
         else:
-            body = method.params.encode(params)
-            message = [header, body] if body else [header]
+            message = [header, *method.params.encode_parts(params)]
         trace = self.trace
         if trace is not None:
             message[0] = _pack_request(spec.service_id, method.ordinal, _FLAG_TRACE)
@@ -147,7 +146,7 @@ class Connection:
         with :meth:`cancel`. The result body is valid only during the callback."""
         if self._closed:
             raise RuntimeError("connection is closed")
-        body = method.params.encode(params)
+        parts = method.params.encode_parts(params)
         header = _wire.REQUEST.pack(spec.service_id, method.ordinal, 0)
         pending = PendingCall()
         results = method.results
@@ -173,7 +172,7 @@ class Connection:
                     result._release()
 
         pending.callback = done
-        self.transport.call(self.peer, [header, body], pending)
+        self.transport.call(self.peer, [header, *parts], pending)
         return pending
 
     def cancel(self, pending: PendingCall) -> None:

@@ -8,6 +8,7 @@ empty bodies and never touch capnp (the null RPC is the latency-critical path).
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import attrs
 import capnp  # type: ignore[import-untyped,unused-ignore]
 from capnp.lib import capnp as _capnp_lib  # type: ignore[import-untyped,unused-ignore]
+
+from rpcfast._types import Buffer
 
 _SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
 _loaded: dict[str, Any] = {}
@@ -71,6 +74,7 @@ class Body:
 
 
 EMPTY_BODY: bytes = b""
+_JOIN_LIMIT = 4096
 
 
 @attrs.frozen
@@ -101,8 +105,35 @@ class StructCodec:
             if not value and self.empty:
                 return EMPTY_BODY
             value = self.module.new_message(**value)
-        data: bytes = value.to_bytes()
-        return data
+        return b"".join(self._frame(value))
+
+    def encode_parts(self, value: Any) -> list[Buffer]:
+        """Like :meth:`encode`, as a scatter list: large messages are never joined.
+
+        pycapnp's ``to_bytes`` costs ~2.5 ms for a 1 MB message here, ``to_segments`` ~50 us; so
+        we frame the segments ourselves (Cap'n Proto's stream framing: segment count - 1, each
+        segment's size in words, padding to a word), and small messages are joined (cheaper than
+        a scatter send)."""
+        if value is None or isinstance(value, Mapping):
+            if not value and self.empty:
+                return []
+            value = self.module.new_message(**(value or {}))
+        parts = self._frame(value)
+        if len(parts) == 2 and len(parts[1]) <= _JOIN_LIMIT:
+            return [parts[0] + parts[1]]
+        return parts
+
+    @staticmethod
+    def _frame(builder: Any) -> list[Any]:
+        segments = builder.to_segments()
+        count = len(segments)
+        table = struct.pack(
+            f"<{count + 1 + (count + 1) % 2}I",
+            count - 1,
+            *(len(s) // 8 for s in segments),
+            *([0] * ((count + 1) % 2)),
+        )
+        return [table, *segments]
 
     def decode(self, body: memoryview) -> Body | None:
         """Raise ``capnp.KjException`` (caught by callers) on garbage."""

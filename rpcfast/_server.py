@@ -128,7 +128,7 @@ class Server:
                     result._bind(self, transport, token, method, flags, 0, 0)
                     return
                 try:
-                    encoded = [_OK, method.results.encode(result)]
+                    encoded = [_OK, *method.results.encode_parts(result)]
                 except Exception as exc:
                     encoded = self._failure(method, exc)
                 transport.reply(token, encoded)
@@ -185,7 +185,7 @@ class Server:
             result = fn(request)
             if type(result) is Deferred:
                 return result
-            return [_OK, method.results.encode(result)]
+            return [_OK, *method.results.encode_parts(result)]
         except Exception as exc:
             return self._failure(method, exc)
         finally:
@@ -212,7 +212,7 @@ class Server:
                 try:
                     request = method.params.decode(body)
                     result = await fn(request)
-                    response = [_OK, method.results.encode(result)]
+                    response = [_OK, *method.results.encode_parts(result)]
                 except Exception as exc:
                     response = self._failure(method, exc)
         finally:
@@ -302,7 +302,7 @@ class Deferred:
             return
         server, transport, token, method, flags, recv_ns, start_ns = bound
         try:
-            response: list[Any] = [_OK, method.results.encode(result)]
+            response: list[Any] = [_OK, *method.results.encode_parts(result)]
         except Exception as exc:
             response = server._failure(method, exc)
         server._send(transport, token, response, flags, recv_ns, start_ns)
