@@ -26,6 +26,7 @@ from rpcfast._errors import RemoteError, RpcTimeout, Status
 from rpcfast._pending import PendingCall
 from rpcfast._schema import Body, InterfaceSpec, MethodSpec, interface_spec
 from rpcfast._trace import TimeTrace
+from rpcfast._types import Buffer
 from rpcfast.dispatch import current
 from rpcfast.transports import client_transport
 
@@ -95,6 +96,7 @@ class Connection:
         timeout: float | None,
     ) -> Body | None:
         """:meth:`call` with the untraced request header already packed (stubs cache it)."""
+        message: list[Buffer]
         if params is None and method.params.empty:
             message = [header]
         else:
