@@ -8,6 +8,8 @@ Null RPCs call ``Echo.ping`` (empty request and response), payloads call ``Echo.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -136,3 +138,37 @@ def breakdown(system: str, payload: int, iterations: int, seconds: float) -> str
 
     result: str = _with_server(system, body)
     return result
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def idle_cpu(system: str, seconds: float) -> dict[str, float]:
+    """CPU used by an idle echo server process (after some calls, past its spin budget)."""
+    proc, addresses = spawn_echo_server([_LISTEN[system]])
+    try:
+
+        async def warm(address: str) -> None:
+            async with rpcfast.connect(address, timeout=5.0) as conn:
+                stub = conn.stub(echo_capnp.Echo)
+                for _ in range(1000):
+                    await stub.ping()
+
+        trio.run(warm, addresses[0])
+        time.sleep(0.2)  # well past the spin budget
+        before, start = _cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)
+        used, wall = _cpu_seconds(proc.pid) - before, time.monotonic() - start
+        return {"cpu_seconds": used, "seconds": round(wall, 2), "cpu_fraction": used / wall}
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

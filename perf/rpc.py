@@ -217,6 +217,14 @@ def _positive_float(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="print the time-trace breakdown of rpcfast round trips instead",
+    )
+    parser.add_argument(
+        "--no-idle", action="store_true", help="skip the idle-server CPU measurement"
+    )
+    parser.add_argument(
         "--payloads",
         type=_int_list,
         default=DEFAULT_PAYLOADS,
@@ -246,6 +254,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+IDLE_SECONDS = 3.0
+
+
+def _breakdown(config: Config, log: Callable[[str], None]) -> int:
+    """``--breakdown``: where an rpcfast round trip's time goes, per payload and transport."""
+    from perf import _rpcfast_bench
+
+    for system in config.systems:
+        if system not in _rpcfast_bench.RPCFAST_SYSTEMS:
+            continue
+        for payload in config.payloads:
+            log(f"{system}: traced payload {payload} B")
+            print(_rpcfast_bench.breakdown(system, payload, config.iterations, config.seconds))
+            print()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     backend = RpcfastBackend.load()
     known = all_systems(backend)
@@ -265,8 +290,26 @@ def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if args.breakdown:
+        return _breakdown(config, log)
     rows = run_benchmarks(config, backend, log)
+    if not args.no_idle and "rpcfast-udp" in systems:
+        log("rpcfast-udp: idle server CPU")
+        try:
+            from perf import _rpcfast_bench
+
+            idle = _rpcfast_bench.idle_cpu("rpcfast-udp", IDLE_SECONDS)
+            rows.append({"op": "idle_cpu", "system": "rpcfast-udp", "payload": 0, **idle})
+        except Exception as exc:
+            rows.append(_stats.error_row("rpcfast-udp", 0, exc, op="idle_cpu"))
     print(render(rows, systems))
+    for row in rows:
+        if row.get("op") == "idle_cpu" and "error" not in row:
+            print(
+                f"\nidle rpcfast-udp server after its spin budget: "
+                f"{100 * float(row['cpu_fraction']):.2f}% of a core "  # type: ignore[arg-type]
+                f"over {row['seconds']} s"
+            )
     if args.json:
         _stats.write_json(
             args.json,
