@@ -155,6 +155,7 @@ class KvClient:
         self._connections: dict[str, rpcfast.Connection] = {}
         self._stubs: dict[str, rpcfast.Stub] = {}
         self._directory: _Directory | None = None
+        self._routes: dict[int, tuple[list[int], list[TabletLocation]]] = {}
         self.retries = 0
 
     @classmethod
@@ -213,24 +214,41 @@ class KvClient:
         return self._directory
 
     async def _locate(self, table_id: int, h: int, refresh: bool = False) -> str:
+        if not refresh:
+            address = self._route_cached(table_id, h)
+            if address is not None:
+                return address
         tablets = await self.directory.tablets(table_id, refresh)
-        starts = [t.start_hash for t in tablets]
-        i = bisect.bisect_right(starts, h) - 1
-        if i >= 0 and tablets[i].start_hash <= h <= tablets[i].end_hash:
-            return tablets[i].address
+        self._routes[table_id] = ([t.start_hash for t in tablets], tablets)
+        address = self._route_cached(table_id, h)
+        if address is not None:
+            return address
         if not refresh:
             return await self._locate(table_id, h, refresh=True)
         raise UnknownTablet(f"no tablet of table {table_id} covers hash {h:#x} (recovering?)")
+
+    def _route_cached(self, table_id: int, h: int) -> str | None:
+        """The owner of ``h`` from the cached map, without a task switch (the common case)."""
+        route = self._routes.get(table_id)
+        if route is None:
+            return None
+        starts, tablets = route
+        i = bisect.bisect_right(starts, h) - 1
+        if i >= 0 and h <= tablets[i].end_hash:
+            return tablets[i].address
+        return None
 
     async def _with_retries(
         self, table_id: int, key: bytes, op: Callable[[rpcfast.Stub], Awaitable[T]]
     ) -> T:
         h = key_hash(table_id, key)
-        deadline = trio.current_time() + self.timeout
+        address = self._route_cached(table_id, h)
+        deadline: float | None = None
         refresh = False
         while True:
             try:
-                address = await self._locate(table_id, h, refresh)
+                if address is None:
+                    address = await self._locate(table_id, h, refresh)
                 return await op(self._master(address))
             except rpcfast.RemoteError as exc:
                 error = _kv_error(exc)
@@ -241,10 +259,15 @@ class KvClient:
                 retry = exc
             except (rpcfast.PeerDead, rpcfast.RpcTimeout) as exc:
                 retry = KvError(str(exc), status=Status.SERVER_NOT_UP)
-            if trio.current_time() >= deadline:
+            # the slow path: bounded by the client's timeout from the first failure
+            now = trio.current_time()
+            if deadline is None:
+                deadline = now + self.timeout
+            elif now >= deadline:
                 raise retry
             self.retries += 1
             refresh = True
+            address = None
             if isinstance(retry, Retry):
                 await trio.sleep(random.uniform(retry.min_delay, retry.max_delay))
             elif retry.status is not Status.UNKNOWN_TABLET:
@@ -347,9 +370,11 @@ class KvClient:
             groups: dict[str, list[int]] = {}
             for i in pending:
                 item = items[i]
-                address = await self._locate(
-                    item["tableId"], key_hash(item["tableId"], item["key"]), refresh
-                )
+                table_id = item["tableId"]
+                h = key_hash(table_id, item["key"])
+                address = None if refresh else self._route_cached(table_id, h)
+                if address is None:
+                    address = await self._locate(table_id, h, refresh)
                 groups.setdefault(address, []).append(i)
             again: list[int] = []
 
