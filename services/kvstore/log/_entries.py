@@ -10,8 +10,11 @@ Content layouts (little-endian):
 * segment header: ``u64 log_id, u64 segment_id, u32 capacity, u32 crc`` (crc over 20 bytes)
 * object: ``u32 crc, u32 timestamp, u64 version, u64 table_id, u8 num_keys(=1), u16 key_length,
   key, value`` (crc over everything after itself)
-* tombstone: ``u64 table_id, u64 segment_id, u64 object_version, u32 timestamp, u32 crc, key``
-  (crc over everything but itself); ``segment_id`` names the segment that held the dead object
+* tombstone: ``u32 crc, u32 timestamp, u64 table_id, u64 segment_id, u64 object_version, key``
+  (crc over everything after itself, like an object's, so it is one pass over the bytes, but
+  started from :data:`TOMBSTONE_CRC_SEED`: the type byte is outside every checksum, and an
+  object whose type bit flipped must not pass as a tombstone); ``segment_id`` names the segment
+  that held the dead object
 * log digest: ``u32 crc, u32 count, u64 segment_id * count`` (crc over everything after itself)
 * safe version: ``u64 safe_version, u32 crc``
 """
@@ -49,7 +52,7 @@ MAX_VALUE_LENGTH = 0x100000
 
 SEGMENT_HEADER = struct.Struct("<QQII")
 OBJECT_HEADER = struct.Struct("<IIQQBH")
-TOMBSTONE_HEADER = struct.Struct("<QQQII")
+TOMBSTONE_HEADER = struct.Struct("<IIQQQ")
 DIGEST_HEADER = struct.Struct("<II")
 SAFE_VERSION = struct.Struct("<QI")
 _U64 = struct.Struct("<Q")
@@ -59,7 +62,10 @@ OBJ_VERSION_OFFSET = 8
 OBJ_TABLE_OFFSET = 16
 OBJ_KEYLEN_OFFSET = 25
 OBJ_KEY_OFFSET = OBJECT_HEADER.size
+TOMB_TIMESTAMP_OFFSET = 4
+TOMB_SEGMENT_OFFSET = 16
 TOMB_KEY_OFFSET = TOMBSTONE_HEADER.size
+TOMBSTONE_CRC_SEED = 0x746F6D62  # "tomb"
 
 _KNOWN_TYPES = frozenset(t.value for t in EntryType if t is not EntryType.INVALID)
 
@@ -102,23 +108,64 @@ def tombstone_entry_size(key_length: int) -> int:
     return entry_size(TOMBSTONE_HEADER.size + key_length)
 
 
-# Type byte, length field and fixed part of an object (crc left 0) or a tombstone (crc not
-# included), one struct per width of the length field; a 3-byte length is a u16 plus a u8.
-_OBJ_FIXED = "IIQQBH"
-_TOMB_FIXED = "QQQI"
-_OBJ_HEADS = (
-    struct.Struct("<BB" + _OBJ_FIXED),
-    struct.Struct("<BH" + _OBJ_FIXED),
-    struct.Struct("<BHB" + _OBJ_FIXED),
-    struct.Struct("<BI" + _OBJ_FIXED),
-)
-_TOMB_HEADS = (
-    struct.Struct("<BB" + _TOMB_FIXED),
-    struct.Struct("<BH" + _TOMB_FIXED),
-    struct.Struct("<BHB" + _TOMB_FIXED),
-    struct.Struct("<BI" + _TOMB_FIXED),
-)
+# Encoding in place: for each (key length, value length) an entry run's whole layout is one
+# cached struct, with the constant type-and-length headers as ``s`` fields, so writing a
+# tombstone plus an object is a single ``pack_into`` followed by the checksums, each one pass
+# over the bytes in the buffer. Workloads use few distinct sizes; a cache is dropped when it
+# grows past _MAX_LAYOUTS.
+_MAX_LAYOUTS = 4096
 _U32 = struct.Struct("<I")
+_TOMB_FIELDS = "IIQQQ"  # crc (packed as 0), timestamp, table id, segment id, version
+_OBJ_FIELDS = "IIQQBH"  # crc (packed as 0), timestamp, version, table id, key count, key length
+
+# klen -> (struct, header): a lone tombstone.
+_TOMB_LAYOUTS: dict[int, tuple[struct.Struct, bytes]] = {}
+# vlen << 17 | klen -> (struct, header): a lone object.
+_OBJ_LAYOUTS: dict[int, tuple[struct.Struct, bytes]] = {}
+# vlen << 17 | klen -> (struct, tombstone header, object header, tombstone entry size): the
+# tombstone of the replaced version followed by the new object.
+_PAIR_LAYOUTS: dict[int, tuple[struct.Struct, bytes, bytes, int]] = {}
+
+
+def _tomb_layout(klen: int) -> tuple[struct.Struct, bytes]:
+    head = entry_header(EntryType.OBJTOMB, TOMBSTONE_HEADER.size + klen)
+    if len(_TOMB_LAYOUTS) >= _MAX_LAYOUTS:
+        _TOMB_LAYOUTS.clear()
+    layout = (struct.Struct(f"<{len(head)}s{_TOMB_FIELDS}{klen}s"), head)
+    _TOMB_LAYOUTS[klen] = layout
+    return layout
+
+
+def _obj_layout(klen: int, vlen: int) -> tuple[struct.Struct, bytes]:
+    head = entry_header(EntryType.OBJ, OBJECT_HEADER.size + klen + vlen)
+    if len(_OBJ_LAYOUTS) >= _MAX_LAYOUTS:
+        _OBJ_LAYOUTS.clear()
+    layout = (struct.Struct(f"<{len(head)}s{_OBJ_FIELDS}{klen}s{vlen}s"), head)
+    _OBJ_LAYOUTS[vlen << 17 | klen] = layout
+    return layout
+
+
+def _pair_layout(klen: int, vlen: int) -> tuple[struct.Struct, bytes, bytes, int]:
+    tomb_content = TOMBSTONE_HEADER.size + klen
+    thead = entry_header(EntryType.OBJTOMB, tomb_content)
+    ohead = entry_header(EntryType.OBJ, OBJECT_HEADER.size + klen + vlen)
+    if len(_PAIR_LAYOUTS) >= _MAX_LAYOUTS:
+        _PAIR_LAYOUTS.clear()
+    layout = (
+        struct.Struct(
+            f"<{len(thead)}s{_TOMB_FIELDS}{klen}s{len(ohead)}s{_OBJ_FIELDS}{klen}s{vlen}s"
+        ),
+        thead,
+        ohead,
+        len(thead) + tomb_content,
+    )
+    _PAIR_LAYOUTS[vlen << 17 | klen] = layout
+    return layout
+
+
+def _as_bytes(data: Buffer) -> bytes | bytearray:
+    # struct's "s" fields take bytes and bytearrays only.
+    return data if isinstance(data, bytes | bytearray) else bytes(data)
 
 
 def write_object_into(
@@ -129,50 +176,67 @@ def write_object_into(
     value: Buffer,
     version: int,
     timestamp: int,
-) -> int:
-    """Encode an object entry straight into ``buf`` at ``pos``; return its size.
+    dead_segment_id: int = -1,
+    dead_version: int = 0,
+) -> None:
+    """Encode an object entry straight into ``buf`` at ``pos``.
 
-    The same bytes as :func:`build_object`, without building them first: the header is packed
-    in place, key and value are copied once, and the checksum is one pass over the result.
-    ``buf`` must be a byte buffer with room for :func:`object_entry_size` bytes at ``pos``.
+    With ``dead_segment_id >= 0`` the tombstone of ``dead_version`` (whose object lived in that
+    segment) is written first, directly followed by the object. The bytes are those of
+    :func:`build_tombstone` and :func:`build_object`, without building them first. ``buf``
+    must be a byte buffer with room for the entries at ``pos``.
     """
     klen = len(key)
-    key_at = OBJECT_HEADER.size + klen
-    content_length = key_at + len(value)
-    if content_length < 0x100:
-        _OBJ_HEADS[0].pack_into(buf, pos, 2, content_length, 0, timestamp, version, table_id, 1, klen)
-        start = pos + 2
-    elif content_length < 0x10000:
-        _OBJ_HEADS[1].pack_into(
-            buf, pos, 0x42, content_length, 0, timestamp, version, table_id, 1, klen
-        )
-        start = pos + 3
-    elif content_length < 0x1000000:
-        _OBJ_HEADS[2].pack_into(
-            buf,
-            pos,
-            0x82,
-            content_length & 0xFFFF,
-            content_length >> 16,
-            0,
-            timestamp,
-            version,
-            table_id,
-            1,
-            klen,
-        )
-        start = pos + 4
+    vlen = len(value)
+    if dead_segment_id < 0:
+        layout = _OBJ_LAYOUTS.get(vlen << 17 | klen)
+        if layout is None:
+            layout = _obj_layout(klen, vlen)
+        packer, head = layout
+        try:
+            packer.pack_into(buf, pos, head, 0, timestamp, version, table_id, 1, klen, key, value)
+        except struct.error:  # a memoryview key or value: rare, so not checked up front
+            key, value = _as_bytes(key), _as_bytes(value)
+            return write_object_into(buf, pos, table_id, key, value, version, timestamp)
+        content = pos + len(head)
+        end = content + OBJECT_HEADER.size + klen + vlen
     else:
-        _OBJ_HEADS[3].pack_into(
-            buf, pos, 0xC2, content_length, 0, timestamp, version, table_id, 1, klen
-        )
-        start = pos + 5
-    k = start + OBJECT_HEADER.size
-    buf[k : k + klen] = key
-    end = start + content_length
-    buf[start + key_at : end] = value
-    _U32.pack_into(buf, start, crc32c(buf[start + 4 : end]))
-    return end - pos
+        pair = _PAIR_LAYOUTS.get(vlen << 17 | klen)
+        if pair is None:
+            pair = _pair_layout(klen, vlen)
+        packer, thead, head, tsize = pair
+        try:
+            packer.pack_into(
+                buf,
+                pos,
+                thead,
+                0,
+                timestamp,
+                table_id,
+                dead_segment_id,
+                dead_version,
+                key,
+                head,
+                0,
+                timestamp,
+                version,
+                table_id,
+                1,
+                klen,
+                key,
+                value,
+            )
+        except struct.error:
+            key, value = _as_bytes(key), _as_bytes(value)
+            return write_object_into(
+                buf, pos, table_id, key, value, version, timestamp, dead_segment_id, dead_version
+            )
+        content = pos + len(thead)
+        end = pos + tsize
+        _U32.pack_into(buf, content, crc32c(buf[content + 4 : end], TOMBSTONE_CRC_SEED))
+        content = end + len(head)
+        end = content + OBJECT_HEADER.size + klen + vlen
+    _U32.pack_into(buf, content, crc32c(buf[content + 4 : end]))
 
 
 def write_tombstone_into(
@@ -183,38 +247,21 @@ def write_tombstone_into(
     segment_id: int,
     object_version: int,
     timestamp: int,
-) -> int:
+) -> None:
     """Encode a tombstone straight into ``buf`` at ``pos`` (see :func:`write_object_into`)."""
     klen = len(key)
-    content_length = TOMBSTONE_HEADER.size + klen
-    if content_length < 0x100:
-        _TOMB_HEADS[0].pack_into(
-            buf, pos, 3, content_length, table_id, segment_id, object_version, timestamp
-        )
-        start = pos + 2
-    elif content_length < 0x10000:
-        _TOMB_HEADS[1].pack_into(
-            buf, pos, 0x43, content_length, table_id, segment_id, object_version, timestamp
-        )
-        start = pos + 3
-    else:
-        _TOMB_HEADS[2].pack_into(
-            buf,
-            pos,
-            0x83,
-            content_length & 0xFFFF,
-            content_length >> 16,
-            table_id,
-            segment_id,
-            object_version,
-            timestamp,
-        )
-        start = pos + 4
-    crc_at = start + TOMBSTONE_HEADER.size - 4
-    k = crc_at + 4
-    buf[k : k + klen] = key
-    _U32.pack_into(buf, crc_at, crc32c(key, crc32c(buf[start:crc_at])))
-    return k + klen - pos
+    layout = _TOMB_LAYOUTS.get(klen)
+    if layout is None:
+        layout = _tomb_layout(klen)
+    packer, head = layout
+    try:
+        packer.pack_into(buf, pos, head, 0, timestamp, table_id, segment_id, object_version, key)
+    except struct.error:
+        key = _as_bytes(key)
+        return write_tombstone_into(buf, pos, table_id, key, segment_id, object_version, timestamp)
+    content = pos + len(head)
+    end = content + TOMBSTONE_HEADER.size + klen
+    _U32.pack_into(buf, content, crc32c(buf[content + 4 : end], TOMBSTONE_CRC_SEED))
 
 
 def build_object(
@@ -236,9 +283,9 @@ def build_tombstone(
 ) -> tuple[list[Buffer], int]:
     """A tombstone entry for an object version that lived in segment ``segment_id``."""
     content_length = TOMBSTONE_HEADER.size + len(key)
-    fixed = TOMBSTONE_HEADER.pack(table_id, segment_id, object_version, timestamp, 0)[:-4]
-    crc = crc32c(key, crc32c(fixed))
-    head = entry_header(EntryType.OBJTOMB, content_length) + fixed + crc.to_bytes(4, "little")
+    rest = TOMBSTONE_HEADER.pack(0, timestamp, table_id, segment_id, object_version)[4:]
+    crc = crc32c(key, crc32c(rest, TOMBSTONE_CRC_SEED))
+    head = entry_header(EntryType.OBJTOMB, content_length) + crc.to_bytes(4, "little") + rest
     return [head, key], entry_size(content_length)
 
 
@@ -320,8 +367,8 @@ LogEntry: TypeAlias = (
 )
 
 
-def _crc_ok(stored: int, *parts: Buffer) -> bool:
-    crc = 0
+def _crc_ok(stored: int, *parts: Buffer, seed: int = 0) -> bool:
+    crc = seed
     for part in parts:
         crc = crc32c(part, crc)
     return crc == stored
@@ -346,10 +393,10 @@ def _parse_content(entry_type: int, c: memoryview) -> LogEntry:
     if entry_type == EntryType.OBJTOMB:
         if n < TOMBSTONE_HEADER.size:
             raise MalformedEntry("tombstone shorter than its header")
-        table_id, seg, version, ts, crc = TOMBSTONE_HEADER.unpack_from(c)
+        crc, ts, table_id, seg, version = TOMBSTONE_HEADER.unpack_from(c)
         if n - TOMBSTONE_HEADER.size > MAX_KEY_LENGTH:
             raise MalformedEntry("tombstone key too long")
-        if not _crc_ok(crc, c[: TOMBSTONE_HEADER.size - 4], c[TOMBSTONE_HEADER.size :]):
+        if not _crc_ok(crc, c[4:], seed=TOMBSTONE_CRC_SEED):
             raise MalformedEntry("tombstone checksum mismatch")
         return TombstoneEntry(table_id, bytes(c[TOMBSTONE_HEADER.size :]), seg, version, ts)
     if entry_type == EntryType.SEGHEADER:

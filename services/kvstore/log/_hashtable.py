@@ -36,7 +36,7 @@ _LAST = ENTRIES_PER_BUCKET - 1
 class HashTable:
     """Key hash -> log reference; references are nonzero 47-bit integers."""
 
-    def __init__(self, num_buckets: int) -> None:
+    def __init__(self, num_buckets: int, *, prefault: bool = False) -> None:
         if num_buckets < 1 or num_buckets & (num_buckets - 1):
             raise ValueError("num_buckets must be a power of two")
         if num_buckets > _HASH_MASK + 1:
@@ -45,18 +45,19 @@ class HashTable:
         self._mask = num_buckets - 1
         # Small pages, like the log arena: buckets are touched at random, and a huge-page fault
         # on first touch would stall a request for milliseconds.
-        self._main = anonymous_zeros(num_buckets * BUCKET_BYTES).view(np.uint64)
-        self._main_mv = memoryview(self._main)
+        self._main = anonymous_zeros(num_buckets * BUCKET_BYTES, prefault=prefault).view(np.uint64)
+        self._main_mv = self._main.data
         self._ovf = np.zeros(4 * ENTRIES_PER_BUCKET, dtype=np.uint64)
-        self._ovf_mv = memoryview(self._ovf)
+        self._ovf_mv = self._ovf.data
         self._ovf_used = 0
+        self._main_entries = num_buckets * ENTRIES_PER_BUCKET
         self.count = 0
 
     @classmethod
-    def for_memory(cls, table_bytes: int) -> HashTable:
+    def for_memory(cls, table_bytes: int, *, prefault: bool = False) -> HashTable:
         """A table of ``table_bytes / 64`` buckets, rounded down to a power of two (as RAMCloud)."""
         buckets = max(1, table_bytes // BUCKET_BYTES)
-        return cls(1 << (buckets.bit_length() - 1))
+        return cls(1 << (buckets.bit_length() - 1), prefault=prefault)
 
     @property
     def nbytes(self) -> int:
@@ -77,14 +78,55 @@ class HashTable:
         """References whose secondary hash matches ``key_hash``; the caller compares keys."""
         tag = key_hash >> 48 << 1  # compared with e >> 47: chain pointers (bit 47) never match
         row = _BUCKET.unpack_from(self._main_mv, (key_hash & self._mask) * BUCKET_BYTES)
-        out = [e & REF_MASK for e in row if e >> REF_BITS == tag and e]
-        last = row[_LAST]
-        while last & CHAIN_BIT:
+        out: list[int] = []
+        while True:
+            # A plain loop: faster than a comprehension here (no function object per call).
+            for e in row:
+                if e and e >> REF_BITS == tag:
+                    out.append(e & REF_MASK)
+            last = row[_LAST]
+            if not last & CHAIN_BIT:
+                return out
             mv, first = self._area(last & REF_MASK)
             row = _BUCKET.unpack_from(mv, first * 8)
-            out += [e & REF_MASK for e in row if e >> REF_BITS == tag and e]
+
+    def candidates(self, key_hash: int) -> list[tuple[int, int]]:
+        """Like :meth:`lookup`, as ``(reference, slot)`` pairs.
+
+        A slot is the entry's position, for :meth:`set_slot` and :meth:`clear_slot` later in
+        the same request, which saves searching the bucket again; any :meth:`insert` in
+        between may move entries and invalidates it.
+        """
+        tag = key_hash >> 48 << 1
+        first = (key_hash & self._mask) * ENTRIES_PER_BUCKET
+        row = _BUCKET.unpack_from(self._main_mv, first * 8)
+        out: list[tuple[int, int]] = []
+        while True:
+            for e in row:
+                if e and e >> REF_BITS == tag:
+                    out.append((e & REF_MASK, first + row.index(e)))
             last = row[_LAST]
-        return out
+            if not last & CHAIN_BIT:
+                return out
+            bucket = last & REF_MASK
+            first = bucket * ENTRIES_PER_BUCKET  # slots number main and overflow entries alike
+            mv, start = self._area(bucket)
+            row = _BUCKET.unpack_from(mv, start * 8)
+
+    def set_slot(self, slot: int, key_hash: int, ref: int) -> None:
+        """Point the entry at ``slot`` (from :meth:`candidates`) at ``ref``."""
+        if slot < self._main_entries:
+            self._main_mv[slot] = key_hash >> 48 << 48 | ref
+        else:
+            self._ovf_mv[slot - self._main_entries] = key_hash >> 48 << 48 | ref
+
+    def clear_slot(self, slot: int) -> None:
+        """Delete the entry at ``slot`` (from :meth:`candidates`)."""
+        if slot < self._main_entries:
+            self._main_mv[slot] = 0
+        else:
+            self._ovf_mv[slot - self._main_entries] = 0
+        self.count -= 1
 
     def contains(self, key_hash: int, ref: int) -> bool:
         return self._find(key_hash, ref) is not None
@@ -108,8 +150,9 @@ class HashTable:
             raise ValueError("reference must be a nonzero 47-bit integer")
         entry = key_hash >> 48 << 48 | ref
         bucket = key_hash & self._mask
+        mv = self._main_mv
+        first = bucket * ENTRIES_PER_BUCKET
         while True:
-            mv, first = self._area(bucket)
             row = _BUCKET.unpack_from(mv, first * 8)
             if 0 in row:
                 mv[first + row.index(0)] = entry
@@ -119,6 +162,7 @@ class HashTable:
             if not last & CHAIN_BIT:
                 break
             bucket = last & REF_MASK
+            mv, first = self._area(bucket)
         # Every slot of the chain is full: hang a new overflow bucket off the last one. The
         # overflow area may be reallocated here, so views are taken again afterwards.
         new_bucket = self._new_overflow_bucket()
@@ -134,19 +178,26 @@ class HashTable:
             grown = np.zeros(2 * len(self._ovf), dtype=np.uint64)
             grown[: len(self._ovf)] = self._ovf
             self._ovf = grown
-            self._ovf_mv = memoryview(grown)
+            self._ovf_mv = grown.data
         bucket = self.num_buckets + self._ovf_used
         self._ovf_used += 1
         return bucket
 
     def replace(self, key_hash: int, old_ref: int, new_ref: int) -> bool:
         """Compare-and-swap: point the entry for ``old_ref`` at ``new_ref``; False if absent."""
-        found = self._find(key_hash, old_ref)
-        if found is None:
-            return False
-        mv, i = found
-        mv[i] = key_hash >> 48 << 48 | new_ref
-        return True
+        tag = key_hash >> 48 << 48
+        want = tag | old_ref
+        mv = self._main_mv
+        first = (key_hash & self._mask) * ENTRIES_PER_BUCKET
+        while True:  # _find, inlined: this runs on every overwrite and every cleaner copy
+            row = _BUCKET.unpack_from(mv, first * 8)
+            if want in row:
+                mv[first + row.index(want)] = tag | new_ref
+                return True
+            last = row[_LAST]
+            if not last & CHAIN_BIT:
+                return False
+            mv, first = self._area(last & REF_MASK)
 
     def remove(self, key_hash: int, ref: int) -> bool:
         """Delete the entry for ``ref``; False if it is not there."""

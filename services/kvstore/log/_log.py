@@ -105,13 +105,15 @@ class StorageConfig:
     ``cleaner_bytes_per_step`` bounds the work of one :meth:`LogCleaner.step`, in bytes copied
     (scanning, sorting and committing are charged in byte equivalents).
 
-    ``prefault_memory`` touches every arena page at start-up. It is off by default: the arena
-    is mapped with small pages, so a first write into a fresh page costs one ~3-6 us fault
-    (about +0.1 us per 100-byte write, amortised, on the first pass through memory), while
-    prefaulting 512 MiB takes ~0.4-0.6 s and commits all of it at once, which tests and
-    several servers on one host should not pay. (numpy's huge pages, used before, stalled
-    first touches for up to ~10 ms and took ~1 s to prefault.) Turn it on for benchmarks that
-    must not see even the small faults.
+    ``prefault_memory`` touches every page of the arena and the hash table at start-up. It is
+    off by default. Both are mapped with small pages, so a first write into a fresh page costs
+    one fault of ~3-6 us (rarely up to ~0.5 ms): about +0.1 us per 100-byte write, amortised,
+    on the first pass through memory, and nothing after. Prefaulting the default 512 MiB arena
+    and its 51 MiB table takes ~0.65-0.95 s here and commits all ~560 MiB at once, which
+    tests, tools and several servers on one host should not pay for memory they may never
+    use. (numpy's transparent huge pages, used before, stalled first touches for up to ~10 ms
+    and took ~2.6 s to prefault.) Turn it on for benchmarks that must not see even the small
+    faults.
     """
 
     total_bytes: int = attrs.field(default=512 * MiB, validator=_positive)
@@ -461,79 +463,118 @@ class Log:
         version: int,
         timestamp: int,
         size: int,
-        dead_segment_id: int = -1,
+        dead_ref: int = 0,
         dead_version: int = 0,
+        dead_size: int = 0,
         tombstone_size: int = 0,
     ) -> int:
         """Append one object (``size`` = its :func:`object_entry_size`); return its reference.
 
-        With ``tombstone_size`` > 0 a tombstone for ``dead_version`` (which lived in segment
-        ``dead_segment_id``) goes first, in the same head segment. This is :meth:`append` for
-        the request paths: when both entries fit in the head's current seglet they are encoded
-        in place, with no intermediate buffers. Raises :class:`LogFull` like :meth:`append`.
+        For an overwrite, ``dead_ref`` names the version it replaces (``dead_version``,
+        ``dead_size`` bytes): its tombstone (``tombstone_size`` bytes) goes first, in the same
+        head segment, and the old entry is accounted dead (as :meth:`free_object` would).
+        This is :meth:`append` for the request paths: when the entries fit in the head's current
+        seglet they are encoded in place. Raises :class:`LogFull` like :meth:`append`.
         """
+        dead = self.slots[dead_ref >> OFFSET_BITS] if dead_ref else None
         total = size + tombstone_size
         head = self.head
         start = head.length
-        if head.state is SegmentState.HEAD and start + total <= head.limit:
-            pos = head.contiguous_at(start, total)
-            if pos >= 0:
-                arena = self._arena
-                if tombstone_size:
-                    write_tombstone_into(
-                        arena, pos, table_id, key, dead_segment_id, dead_version, timestamp
+        pos = head.claim(total) if head.state is SegmentState.HEAD else -1
+        if pos >= 0:
+            arena = self._arena
+            try:
+                if dead is None:
+                    write_object_into(arena, pos, table_id, key, value, version, timestamp)
+                else:
+                    write_object_into(
+                        arena, pos, table_id, key, value, version, timestamp, dead.id, dead_version
                     )
-                write_object_into(
-                    arena, pos + tombstone_size, table_id, key, value, version, timestamp
-                )
-                head.length = start + total
-                if size > self.max_entry_seen:
-                    self.max_entry_seen = size
-                head.live_bytes += size
-                self.live_object_bytes += size
-                self.object_count += 1
-                if tombstone_size:
-                    if tombstone_size > self.max_entry_seen:
-                        self.max_entry_seen = tombstone_size
-                    self._count_tombstone(head, dead_segment_id, tombstone_size)
-                if self._replicating:
-                    self._sink.append(head.id, start, arena[pos : pos + total])
-                return head.slot << OFFSET_BITS | (start + tombstone_size)
-        entries: list[AppendEntry] = []
-        if tombstone_size:
-            tparts, _ = build_tombstone(table_id, key, dead_segment_id, dead_version, timestamp)
-            entries.append((EntryType.OBJTOMB, tparts, tombstone_size, dead_segment_id))
-        parts, _ = build_object(table_id, key, value, version, timestamp)
-        entries.append((EntryType.OBJ, parts, size, -1))
-        return self.append(entries)[-1]
+            except BaseException:
+                head.length = start  # bad arguments (say, a key that is no buffer): append nothing
+                raise
+            if dead is not None:
+                dead_id = dead.id
+                # _count_tombstone inlined (every overwrite comes here). The dead object was
+                # live, so its segment is in the log and the tombstone starts out live.
+                head.live_bytes += tombstone_size
+                head.tombstone_bytes += tombstone_size
+                self.live_tombstone_bytes += tombstone_size
+                self.tombstone_count += 1
+                holders = self._tombs.get(dead_id)
+                if holders is None:
+                    self._tombs[dead_id] = {head.id: [tombstone_size, 1]}
+                else:
+                    cell = holders.get(head.id)
+                    if cell is None:
+                        holders[head.id] = [tombstone_size, 1]
+                    else:
+                        cell[0] += tombstone_size
+                        cell[1] += 1
+            if size > self.max_entry_seen:
+                self.max_entry_seen = size
+            if tombstone_size > self.max_entry_seen:
+                self.max_entry_seen = tombstone_size
+            head.live_bytes += size
+            self.live_object_bytes += size
+            self.object_count += 1
+            if self._replicating:
+                self._sink.append(head.id, start, arena[pos : pos + total])
+            ref = head.slot << OFFSET_BITS | (start + tombstone_size)
+        else:
+            entries: list[AppendEntry] = []
+            if dead is not None:
+                tparts, _ = build_tombstone(table_id, key, dead.id, dead_version, timestamp)
+                entries.append((EntryType.OBJTOMB, tparts, tombstone_size, dead.id))
+            parts, _ = build_object(table_id, key, value, version, timestamp)
+            entries.append((EntryType.OBJ, parts, size, -1))
+            ref = self.append(entries)[-1]
+        if dead is not None:
+            dead.live_bytes -= dead_size
+            self.live_object_bytes -= dead_size
+            self.object_count -= 1
+        return ref
 
     def append_tombstone(
         self,
         table_id: int,
         key: Buffer,
-        dead_segment_id: int,
-        dead_version: int,
         timestamp: int,
         size: int,
+        dead_ref: int,
+        dead_version: int,
+        dead_size: int,
     ) -> int:
-        """Append the tombstone of a removed object (``size`` = its entry size); see above."""
+        """Append the tombstone (``size`` bytes) of a removed object and account it dead.
+
+        ``dead_ref`` names the removed version (``dead_version``, ``dead_size`` bytes).
+        Returns the tombstone's reference; see :meth:`append_object`.
+        """
+        dead = self.slots[dead_ref >> OFFSET_BITS]
+        assert dead is not None
         head = self.head
         start = head.length
-        if head.state is SegmentState.HEAD and start + size <= head.limit:
-            pos = head.contiguous_at(start, size)
-            if pos >= 0:
-                write_tombstone_into(
-                    self._arena, pos, table_id, key, dead_segment_id, dead_version, timestamp
-                )
-                head.length = start + size
-                if size > self.max_entry_seen:
-                    self.max_entry_seen = size
-                self._count_tombstone(head, dead_segment_id, size)
-                if self._replicating:
-                    self._sink.append(head.id, start, self._arena[pos : pos + size])
-                return head.slot << OFFSET_BITS | start
-        parts, _ = build_tombstone(table_id, key, dead_segment_id, dead_version, timestamp)
-        return self.append([(EntryType.OBJTOMB, parts, size, dead_segment_id)])[0]
+        pos = head.claim(size) if head.state is SegmentState.HEAD else -1
+        if pos >= 0:
+            arena = self._arena
+            try:
+                write_tombstone_into(arena, pos, table_id, key, dead.id, dead_version, timestamp)
+            except BaseException:
+                head.length = start
+                raise
+            if size > self.max_entry_seen:
+                self.max_entry_seen = size
+            self._count_tombstone(head, dead.id, size)
+            if self._replicating:
+                self._sink.append(head.id, start, arena[pos : pos + size])
+            ref = head.slot << OFFSET_BITS | start
+        else:
+            parts, _ = build_tombstone(table_id, key, dead.id, dead_version, timestamp)
+            ref = self.append([(EntryType.OBJTOMB, parts, size, dead.id)])[0]
+        dead.live_bytes -= dead_size
+        self.live_object_bytes -= dead_size
+        self.object_count -= 1
+        return ref
 
     def free_object(self, ref: int, size: int) -> None:
         """The object entry at ``ref`` (``size`` bytes) is dead: it was overwritten or removed."""

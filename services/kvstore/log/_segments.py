@@ -16,7 +16,6 @@ import numpy as np
 
 from services.kvstore.log._entries import Buffer
 
-
 PAGE_SIZE = mmap.PAGESIZE
 _NO_HUGE_PAGES = getattr(mmap, "MADV_NOHUGEPAGE", None)
 
@@ -214,12 +213,20 @@ class Segment:
         self.limit = 0
         return seglets
 
-    def contiguous_at(self, offset: int, n: int) -> int:
-        """Arena position of ``[offset, offset+n)`` if it lies in one seglet, else -1."""
-        idx, off = divmod(offset, self.seglet_size)
-        if off + n <= self.seglet_size:
-            return self._bases[idx] + off
-        return -1
+    def claim(self, n: int) -> int:
+        """Take the next ``n`` bytes if they fit and lie in one seglet: their arena position.
+
+        Returns -1 (taking nothing) otherwise; the caller then appends piecewise or rolls over.
+        This is the request paths' append: the caller encodes the entries in place.
+        """
+        start = self.length
+        if start + n > self.limit:
+            return -1
+        idx, off = divmod(start, self.seglet_size)
+        if off + n > self.seglet_size:
+            return -1
+        self.length = start + n
+        return self._bases[idx] + off
 
     def append(self, parts: Sequence[Buffer]) -> int:
         """Copy ``parts`` back to back at the end; return where they start. Caller checks room."""

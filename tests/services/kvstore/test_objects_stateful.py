@@ -70,12 +70,15 @@ class KvModel(RuleBasedStateMachine):
         self.om.cleaner.step(1.0, self.clock.now)
 
     def _retrying(self, op: str, table: int, key: bytes, arg: bytes | int) -> int | tuple[int, int]:
-        """Run a write or increment; on Retry the cleaner must make room (or it is a deadlock)."""
+        """Run a write, remove or increment; on Retry the cleaner must make room (a remove's
+        tombstone needs log space too), or it is a deadlock."""
         for _ in range(30):
             try:
                 if op == "write":
                     assert isinstance(arg, bytes)
                     return self.om.write(table, key, arg)
+                if op == "remove":
+                    return self.om.remove(table, key)
                 assert isinstance(arg, int)
                 return self.om.increment(table, key, arg)
             except Retry:
@@ -158,7 +161,7 @@ class KvModel(RuleBasedStateMachine):
 
     @rule(table=st.sampled_from(TABLES), key=st.sampled_from(KEYS))
     def remove(self, table: int, key: bytes) -> None:
-        removed = self.om.remove(table, key)
+        removed = self._retrying("remove", table, key, 0)
         current = self.model.pop((table, key), None)
         assert removed == (current[1] if current else 0)
         self._tick()

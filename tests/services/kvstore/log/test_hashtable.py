@@ -118,12 +118,28 @@ class HashTableModel(RuleBasedStateMachine):
         assert self.table.remove(self.model.pop(ref), ref)
         assert not self.table.remove(_h(0, 0), ref)
 
+    @rule(data=st.data(), remove=st.booleans())
+    def through_slot(self, data: st.DataObject, remove: bool) -> None:
+        """What the object manager does: find the entry once, then swap or clear it there."""
+        if not self.model:
+            return
+        ref = data.draw(st.sampled_from(sorted(self.model)))
+        h = self.model.pop(ref)
+        (slot,) = [s for r, s in self.table.candidates(h) if r == ref]
+        if remove:
+            self.table.clear_slot(slot)
+        else:
+            self.table.set_slot(slot, h, self.next_ref)
+            self.model[self.next_ref] = h
+            self.next_ref += 1
+
     @invariant()
     def agrees(self) -> None:
         assert sorted(self.table.all_refs()) == sorted(self.model)
         assert self.table.count == len(self.model)
         for ref, h in self.model.items():
             assert ref in self.table.lookup(h)
+            assert sorted(r for r, _ in self.table.candidates(h)) == sorted(self.table.lookup(h))
 
 
 HashTableModel.TestCase.settings = settings(max_examples=40, stateful_step_count=60, deadline=None)

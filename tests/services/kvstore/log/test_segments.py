@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.kvstore.log import EntryType, Pool, SegletAllocator, Segment, SegmentState
 from services.kvstore.log._entries import build_object
+from services.kvstore.log._segments import PAGE_SIZE, anonymous_zeros
 
 
 def _allocator() -> SegletAllocator:
@@ -94,3 +95,23 @@ def test_entries_walks_every_entry() -> None:
         sizes.append(size)
     assert [t for _o, t, _s in seg.entries()] == [EntryType.OBJ] * 5
     assert [s for _o, _t, s in seg.entries()] == sizes
+
+
+def test_claim_takes_bytes_only_inside_one_seglet_and_the_limit() -> None:
+    a = _allocator()
+    seg = _segment(a, 2)  # 128 bytes held, capacity 512
+    first = seg.claim(60)
+    assert first == seg.seglets[0] * 64 and seg.length == 60
+    assert seg.claim(10) == -1 and seg.length == 60  # would straddle two seglets
+    seg.append([b"z" * 4])
+    assert seg.claim(64) == seg.seglets[1] * 64 and seg.length == 128
+    assert seg.claim(1) == -1  # past the seglets held
+    assert seg.room() == 0
+
+
+def test_anonymous_arrays_start_zeroed_and_writable() -> None:
+    for prefault in (False, True):
+        arr = anonymous_zeros(3 * PAGE_SIZE + 5, prefault=prefault)
+        assert len(arr) == 3 * PAGE_SIZE + 5 and not arr.any()
+        arr[-1] = 7
+        assert arr[-1] == 7
