@@ -133,6 +133,7 @@ class MasterService(rpcfast.Service, interface=kv_capnp.Master):
 
         replicas.sync(synced)
         return deferred
+
     def _retrying(self, op: Callable[..., Any], *args: Any) -> Any:
         """Memory full: give the cleaner one slice right here, then try once more before the
         client is told to retry (it backs off 1-2 ms as RAMCloud's clients do)."""
