@@ -123,13 +123,18 @@ def choose_task(
     return CleanerTask.SLEEP
 
 
-def cleaning_score(live_bytes: int, segment_size: int, age: float) -> float:
+def cleaning_score(
+    live_bytes: int, segment_size: int, age: float, retirable_bytes: int = 0
+) -> float:
     """Cost-benefit of cleaning a segment: ``(100-u)*age/u`` with u its integer percent use.
 
     ``u`` is measured against the full segment size (the replica on backups), ``age`` is the
     segment's age, not its objects' (paper section 9); an empty segment scores infinity.
+    ``retirable_bytes`` (live tombstones elsewhere that die when the segment leaves the log)
+    count as freeable: without them a dense segment full of overwritten objects' successors'
+    tombstones would never be chosen, and those tombstones could never go.
     """
-    u = live_bytes * 100 // segment_size
+    u = max(0, live_bytes - retirable_bytes) * 100 // segment_size
     return math.inf if u == 0 else (100 - u) * max(0.0, age) / u
 
 
@@ -178,7 +183,10 @@ class _Compaction:
 class _Cleaning:
     def __init__(self, sources: list[Segment], reservation: list[int]) -> None:
         self.sources = sources
+        self.source_ids = {s.id for s in sources}
         self.reservation = reservation
+        # Tombstones not copied because their target is a source: (source, target id, bytes).
+        self.dropped: list[tuple[Segment, int, int]] = []
         self.scanning = True
         self.scan_index = 0
         self.scan_offset = 0
@@ -430,44 +438,107 @@ class LogCleaner:
     # -- combined cleaning ---------------------------------------------------------------
 
     def _survivor_seglets(self, live: int) -> int:
-        """Worst-case seglets the survivors of ``live`` bytes need (entries never split)."""
-        if live == 0:
+        """Worst-case seglets the survivors of ``live`` bytes need (entries never split).
+
+        A survivor is closed only when the next entry does not fit, so it holds more than
+        ``segment_size - max_entry`` bytes and, trimmed, wastes less than ``max_entry`` bytes
+        of its seglets; only the last one may waste most of a seglet. (Charging a whole seglet
+        per survivor, as before, exceeded the dead space of dense segments: a pass of ten then
+        never paid and the cleaner wedged with memory full.)
+        """
+        if live <= 0:
             return 0
         log = self._log
         header = SEGMENT_HEADER_ENTRY_SIZE
         per_segment = max(1, log.segment_size - header - log.max_entry_seen)
         count = -(-live // per_segment)
-        return -(-(live + count * header) // log.seglet_size) + count
+        waste = count * (header + log.max_entry_seen)
+        return -(-(live + waste) // log.seglet_size) + 1
 
     def _start_cleaning(self, now: float) -> _Cleaning | None:
+        """Choose sources by cost-benefit; start a pass if it frees memory now or soon.
+
+        The benefit counts, besides the sources' dead bytes, live tombstones that the pass
+        retires: those inside the sources whose target is a source too are dropped instead of
+        copied (``intra``), those elsewhere die at the commit and become compactable
+        (``elsewhere``). A pass whose survivors cost at most what it frees at once is started
+        when it retires tombstones elsewhere; otherwise memory full of tombstones of dead
+        objects in dense (compacted) segments would wedge the cleaner.
+        """
         log = self._log
         segment_size = log.segment_size
+        holders_of = log.tombstone_holders
         scored: list[tuple[float, int, Segment]] = []
         for seg in log.cleanable_segments():
-            if seg.live_bytes * 100 > MAX_CLEANABLE_MEMORY_UTILIZATION * seg.allocated_bytes:
+            dense = seg.live_bytes * 100 > MAX_CLEANABLE_MEMORY_UTILIZATION * seg.allocated_bytes
+            if dense and not holders_of(seg.id):
                 continue
-            score = cleaning_score(seg.live_bytes, segment_size, now - seg.created)
+            retirable = sum(cell[0] for cell in holders_of(seg.id).values())
+            score = cleaning_score(seg.live_bytes, segment_size, now - seg.created, retirable)
             scored.append((score, -seg.live_bytes, seg))
         scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
         available = log.allocator.free_count(Pool.CLEANER) + log.allocator.free_count(Pool.DEFAULT)
-        cap = self._config.max_live_segments_per_pass * segment_size
+        picked = self._pick_sources([t[2] for t in scored], available)
+        if picked is None:
+            # Memory is too tight for the best-scored set: take the segments with the most
+            # freeable bytes per live byte instead (dense old segments may score higher).
+            by_room = sorted(
+                (t[2] for t in scored),
+                key=lambda seg: (seg.allocated_bytes - seg.live_bytes) / max(1, seg.live_bytes),
+                reverse=True,
+            )
+            picked = self._pick_sources(by_room, available)
+        if picked is None:
+            return None
+        chosen, need = picked
+        return _Cleaning(chosen, log.take_seglets(need))
+
+    def _pick_sources(
+        self, candidates: list[Segment], available: int
+    ) -> tuple[list[Segment], int] | None:
+        """Greedily take ``candidates`` in order; the sources and survivor seglets, if it pays.
+
+        Segments whose survivors would not fit in ``available`` seglets are skipped.
+        """
+        log = self._log
+        holders_of = log.tombstone_holders
+        cap = self._config.max_live_segments_per_pass * log.segment_size
         chosen: list[Segment] = []
+        chosen_ids: set[int] = set()
         live = 0
         freed = 0
-        for _score, _neg, seg in scored:
+        intra = 0  # tombstone bytes in sources whose target is a source: dropped
+        retired = 0  # all live tombstone bytes whose target is a source
+        for seg in candidates:
+            if len(chosen) == _MAX_SOURCES:
+                break
             more = live + seg.live_bytes
-            if (chosen and more > cap) or len(chosen) == _MAX_SOURCES:
-                break
-            if self._survivor_seglets(more) > available:
-                break
+            holders = holders_of(seg.id)
+            gain = holders[seg.id][0] if seg.id in holders else 0
+            for holder_id, cell in holders.items():
+                if holder_id in chosen_ids:
+                    gain += cell[0]
+            for other in chosen:
+                held = holders_of(other.id).get(seg.id)
+                if held is not None:
+                    gain += held[0]
+            if chosen and more - intra - gain > cap:
+                continue
+            if self._survivor_seglets(more - intra - gain) > available:
+                continue
             chosen.append(seg)
+            chosen_ids.add(seg.id)
             live = more
+            intra += gain
+            retired += sum(cell[0] for cell in holders.values())
             freed += len(seg.seglets)
-        need = self._survivor_seglets(live)
-        if not chosen or freed - need < 1:
+        if not chosen:
             return None
-        reservation = log.take_seglets(need)
-        return _Cleaning(chosen, reservation)
+        need = self._survivor_seglets(live - intra)
+        now_gain = freed - need
+        if now_gain < 1 and (now_gain < 0 or retired - intra < log.seglet_size):
+            return None
+        return chosen, need
 
     def _run_cleaning(self, job: _Cleaning, budget: _Budget) -> bool:
         if job.scanning and (not self._scan(job, budget) or budget.spent()):
@@ -586,6 +657,15 @@ class LogCleaner:
                     if budget.spent():
                         break
                     continue
+                if target_id in job.source_ids:
+                    # Its target leaves the log in this same commit: nothing to copy. (If the
+                    # target stays after all, the commit keeps this source too.)
+                    src.live_bytes -= total
+                    src.tombstone_bytes -= total
+                    job.dropped.append((src, target_id, total))
+                    if budget.spent():
+                        break
+                    continue
             dst = self._room_for(job, total)
             if dst is None:
                 job.aborted = True
@@ -659,7 +739,7 @@ class LogCleaner:
             job.current = None
         if job.aborted:
             self._aborted += 1
-        cleaned = [s for s in job.sources if s.live_bytes == 0]
+        cleaned = self._cleaned_sources(job)
         budget.units -= COST_COMMIT_SEGMENT * (len(job.survivors) + len(cleaned))
         if not cleaned and not job.survivors:
             log.allocator.free(job.reservation)
@@ -675,6 +755,29 @@ class LogCleaner:
         self._cleanings += 1
         self._segments_cleaned += len(cleaned)
         self._compaction_failed = False
+
+    @staticmethod
+    def _cleaned_sources(job: _Cleaning) -> list[Segment]:
+        """Sources with nothing live left, keeping any that drops a tombstone of one that stays.
+
+        After an aborted pass some sources keep live entries and stay in the log; a tombstone
+        of an object in one of them must not vanish, so its holder stays too (its accounting
+        restored). Staying can cascade, hence the loop (at most one round per source).
+        """
+        staying = {s.id for s in job.sources if s.live_bytes != 0}
+        restore = True
+        while restore:
+            restore = False
+            for src, target_id, _size in job.dropped:
+                if target_id in staying and src.id not in staying:
+                    staying.add(src.id)
+                    restore = True
+        for src, _target_id, size in job.dropped:
+            if src.id in staying:
+                src.live_bytes += size
+                src.tombstone_bytes += size
+        job.dropped = []
+        return [s for s in job.sources if s.id not in staying]
 
     def describe(self) -> str:
         """One line for logs: the pass under way, if any."""

@@ -52,6 +52,9 @@ SURVIVOR_SEGMENTS_TO_RESERVE = 15
 AppendEntry = tuple[int, Sequence[Buffer], int, int]
 
 
+_NO_HOLDERS: dict[int, list[int]] = {}
+
+
 class LogFull(Exception):
     """No seglets for a new head segment: the cleaner has to free memory first."""
 
@@ -587,6 +590,13 @@ class Log:
     def tombstone_live(self, target_id: int) -> bool:
         """A tombstone is needed while the segment of the object it kills is still around."""
         return target_id in self.segments
+
+    def tombstone_holders(self, target_id: int) -> dict[int, list[int]]:
+        """Live tombstones of objects in ``target_id``: holder id -> ``[bytes, count]``.
+
+        Read-only for callers: the cleaner weighs what retiring them would free.
+        """
+        return self._tombs.get(target_id, _NO_HOLDERS)
 
     def move_tombstone(self, target_id: int, from_id: int, to_id: int, size: int) -> None:
         if from_id == to_id:

@@ -533,3 +533,49 @@ def test_the_time_budget_alone_ends_a_step() -> None:
             assert handlers.checks - checks <= ticks + 1
     assert steps > 100
     assert cleaner.stats().bytes_relocated > 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_cleaner_never_wedges_with_memory_full_of_small_overwritten_objects(seed: int) -> None:
+    """Regression: 100 B objects at 90% of the DEFAULT pool, few segments, small reserves.
+
+    Writes got Retry forever: compacted segments were too dense for combined cleaning to pay
+    (survivor overhead was overestimated) and the tombstones of the dead objects, which a
+    cleaning of their targets would retire, were not counted as a benefit.
+    """
+    config = StorageConfig(
+        total_bytes=2 << 20,
+        segment_size=64 << 10,
+        seglet_size=2 << 10,
+        cleaner_reserve_segments=2,
+        write_limit=0.98,
+        hash_table_bytes=64 << 10,
+    )
+    now = [0.0]
+    om = ObjectManager(config, clock=lambda: now[0])
+    om.add_tablet(1)
+    value = b"v" * 92
+    keys = int(0.90 * om.log.default_pool_bytes / object_entry_size(8, len(value)))
+    rng = random.Random(seed)
+    steps = 0
+
+    def write(key_id: int) -> None:
+        nonlocal steps
+        for _ in range(2000):
+            try:
+                om.write(1, key_id.to_bytes(8, "big"), value)
+            except Retry:
+                steps += 1
+                assert om.cleaner.step(1.0, now[0]), "writes refused and the cleaner is idle"
+            else:
+                now[0] += 0.001
+                return
+        raise AssertionError("write still refused after 2000 cleaner steps")
+
+    for key_id in range(keys):
+        write(key_id)
+    for _ in range(config.total_bytes // object_entry_size(8, len(value))):
+        write(rng.randrange(keys))
+    assert steps > 0  # the workload did fill memory
+    for key_id in rng.sample(range(keys), 50):
+        assert om.read(1, key_id.to_bytes(8, "big"))[0] == value
