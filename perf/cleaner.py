@@ -865,8 +865,9 @@ def _prototype_child(
     from multiprocessing import shared_memory
 
     shm = shared_memory.SharedMemory(name=shm_name)
+    view = _shm_view(shm)
+    words = view.cast("Q")
     try:
-        words = _shm_view(shm).cast("Q")
         rng = random.Random(11)
         sent = 0
         conn.send_bytes(b"")  # ready: the owner starts writing only now
@@ -884,10 +885,14 @@ def _prototype_child(
                 records += (h, ref, ref)
             while time.perf_counter() - t0 < cleaner_us_per_reloc * batch * 1e-6:
                 pass
-            conn.send_bytes(array("Q", records).tobytes())
+            try:
+                conn.send_bytes(array("Q", records).tobytes())
+            except BrokenPipeError:
+                break  # the owner finished its run first
             sent += batch
-        words.release()
     finally:
+        words.release()
+        view.release()
         shm.close()
         conn.close()
 
