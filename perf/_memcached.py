@@ -9,7 +9,6 @@ installed with ``apt-get``; otherwise the caller gets :class:`MemcachedUnavailab
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from types import TracebackType
@@ -17,6 +16,7 @@ from types import TracebackType
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError
 
+from perf._debian import find_or_install
 from perf._redis import free_port
 
 START_TIMEOUT_S = 10.0
@@ -30,24 +30,7 @@ class MemcachedUnavailable(RuntimeError):
 
 def find_memcached(*, install: bool = True) -> str:
     """Path of ``memcached``; installs the Debian package first if allowed and root."""
-    path = shutil.which("memcached")
-    if path is not None:
-        return path
-    if not install:
-        raise MemcachedUnavailable("memcached is not installed")
-    if os.geteuid() != 0:
-        raise MemcachedUnavailable("memcached is not installed (apt-get install needs root)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "-q", "memcached"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:  # a stale package list: refresh it once and retry
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    path = shutil.which("memcached")
-    if path is None:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise MemcachedUnavailable(f"apt-get install memcached failed: {tail[0]}")
-    return path
+    return find_or_install("memcached", "memcached", MemcachedUnavailable, install=install)
 
 
 class MemcachedServer:

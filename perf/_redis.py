@@ -8,8 +8,6 @@ caller gets :class:`RedisUnavailable` and reports an error row.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -17,6 +15,8 @@ import time
 from types import TracebackType
 
 import redis
+
+from perf._debian import find_or_install
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -28,24 +28,7 @@ class RedisUnavailable(RuntimeError):
 
 def find_redis_server(*, install: bool = True) -> str:
     """Path of ``redis-server``; installs the Debian package first if allowed and root."""
-    path = shutil.which("redis-server")
-    if path is not None:
-        return path
-    if not install:
-        raise RedisUnavailable("redis-server is not installed")
-    if os.geteuid() != 0:
-        raise RedisUnavailable("redis-server is not installed (apt-get install needs root)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "-q", "redis-server"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:  # a stale package list: refresh it once and retry
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    path = shutil.which("redis-server")
-    if path is None:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RedisUnavailable(f"apt-get install redis-server failed: {tail[0]}")
-    return path
+    return find_or_install("redis-server", "redis-server", RedisUnavailable, install=install)
 
 
 def free_port() -> int:

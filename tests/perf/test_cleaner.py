@@ -69,8 +69,12 @@ def test_sink_counts_head_bytes_until_the_cleaner_writes_survivors() -> None:
         writer.closed_loop(keys, n // 4, 5.0)
         if om.stats().cleaner.survivor_segments:
             break
-    assert om.stats().cleaner.survivor_segments > 0
-    assert 0 < sink.survivor_bytes < sink.head_bytes
+    stats = om.stats().cleaner
+    assert stats.survivor_segments > 0
+    # survivors are exactly the relocated entries plus each survivor segment's own metadata
+    # (header, digest); how much cleaning the bounded loop did depends on the machine
+    assert stats.bytes_relocated <= sink.survivor_bytes
+    assert sink.survivor_bytes <= stats.bytes_relocated + stats.survivor_segments * 4096
     assert om.stats().objects == n
 
 
