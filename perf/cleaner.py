@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 
-from perf import _stats
+from perf import _args, _stats
 from perf._stats import Column, Row
 
 if TYPE_CHECKING:
@@ -1284,41 +1284,23 @@ def render(rows: Sequence[Row]) -> str:
     return "\n".join(parts).lstrip("\n")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text}") from exc
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"need positive integers: {text}")
-    return values
-
-
-def _choices(known: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(p.strip() for p in text.split(",") if p.strip())
-        if not names or any(n not in known for n in names):
-            raise argparse.ArgumentTypeError(f"expected a subset of {','.join(known)}: {text}")
-        return tuple(n for n in known if n in names)
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write results here, PNG plots beside it")
     parser.add_argument("--quick", action="store_true", help="tiny log and short bounds (smoke)")
     parser.add_argument(
         "--sections",
-        type=_choices(SECTIONS),
+        type=_args.subset_of(SECTIONS),
         default=SECTIONS,
         metavar="NAME,...",
         help=f"subset of {','.join(SECTIONS)} (default: all)",
     )
-    parser.add_argument("--sizes", type=_int_list, default=SIZES, metavar="N,...")
-    parser.add_argument("--utilizations", type=_int_list, default=UTILIZATIONS, metavar="PCT,...")
+    parser.add_argument("--sizes", type=_args.positive_int_list, default=SIZES, metavar="N,...")
+    parser.add_argument(
+        "--utilizations", type=_args.positive_int_list, default=UTILIZATIONS, metavar="PCT,..."
+    )
     parser.add_argument(
         "--distributions",
-        type=_choices(DISTRIBUTIONS),
+        type=_args.subset_of(DISTRIBUTIONS),
         default=DISTRIBUTIONS,
         metavar="NAME,...",
     )

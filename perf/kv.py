@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 
-from perf import _stats
+from perf import _args, _stats
 from perf._stats import Column, Row, Value
 
 if TYPE_CHECKING:
@@ -1020,18 +1020,8 @@ def _binary_version(name: str, flag: str) -> str | None:
 
 
 # -- arguments ---------------------------------------------------------------------------------
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}") from exc
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"need one or more integers >= 0: {text}")
-    return values
-
-
 def _payload_list(text: str) -> tuple[int, ...]:
-    values = _int_list(text)
+    values = _args.int_list(text)
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"payloads must be >= 1 byte: {text}")
     return values
@@ -1057,22 +1047,8 @@ def _system_list(text: str) -> tuple[str, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
-    return value
-
-
 def _nonnegative_float(text: str) -> float:
     (value,) = _float_list(text)
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
     return value
 
 
@@ -1080,7 +1056,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     parser.add_argument(
         "--replicas",
-        type=_int_list,
+        type=_args.int_list,
         default=DEFAULT_REPLICAS,
         metavar="R,R,...",
         help="kvstore replica counts, R+1 servers each (default: 0,1,2,3)",
@@ -1115,23 +1091,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--iterations",
-        type=_positive_int,
+        type=_args.positive_int,
         help=f"at most this many timed operations per measurement (default {DEFAULT_ITERATIONS})",
     )
     parser.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=_args.positive_float,
         help=f"at most about this long per measurement (default {DEFAULT_SECONDS})",
     )
     parser.add_argument(
         "--batch",
-        type=_positive_int,
+        type=_args.positive_int,
         default=DEFAULT_BATCH,
         help=f"objects per multi-op / pipeline (default {DEFAULT_BATCH})",
     )
     parser.add_argument(
         "--keys",
-        type=_positive_int,
+        type=_args.positive_int,
         help=f"distinct keys per payload, cycled through (default {DEFAULT_KEYS})",
     )
     parser.add_argument(
@@ -1141,7 +1117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--memory-mb",
-        type=_positive_int,
+        type=_args.positive_int,
         default=DEFAULT_MEMORY_MB,
         help=f"log memory per kvstore server (default {DEFAULT_MEMORY_MB})",
     )

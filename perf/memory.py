@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 
-from perf import _stats
+from perf import _args, _stats
 from perf._stats import Column, Row
 
 if TYPE_CHECKING:
@@ -492,58 +492,38 @@ def render(rows: Sequence[Row]) -> str:
 # -- command line ------------------------------------------------------------------------------
 
 
-def _name_list(known: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(part.strip() for part in text.split(",") if part.strip())
-        unknown = [n for n in names if n not in known]
-        if not names or unknown:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated subset of {','.join(known)}: {text}"
-            )
-        return tuple(n for n in known if n in names)
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     parser.add_argument(
         "--scale",
-        type=_positive_float,
+        type=_args.positive_float,
         default=1.0,
         help=f"multiplies the live cap ({DEFAULT_LIVE_BYTES // MiB} MiB) and the bytes "
         f"allocated ({PHASE_FACTOR}x the cap per phase); default %(default)s",
     )
     parser.add_argument(
         "--systems",
-        type=_name_list(SYSTEMS),
+        type=_args.subset_of(SYSTEMS),
         default=SYSTEMS,
         metavar="NAME,...",
         help=f"subset of {','.join(SYSTEMS)} (default: all)",
     )
     parser.add_argument(
         "--workloads",
-        type=_name_list(WORKLOAD_NAMES),
+        type=_args.subset_of(WORKLOAD_NAMES),
         default=WORKLOAD_NAMES,
         metavar="W1,...",
         help="subset of W1..W8 (default: all)",
     )
     parser.add_argument(
         "--kv-fill",
-        type=_positive_float,
+        type=_args.positive_float,
         default=DEFAULT_KV_FILL,
         help="kvstore: worst-phase log bytes / write pool (default %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_args.positive_float,
         default=DEFAULT_TIMEOUT_S,
         help="seconds allowed per system and workload (default %(default)s)",
     )

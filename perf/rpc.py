@@ -16,7 +16,7 @@ from types import ModuleType
 
 from attrs import frozen
 
-from perf import _stats
+from perf import _args, _stats
 from perf._stats import Column, Row
 
 HELP = "Round-trip latency of rpcfast transports and of peer RPC systems, side by side."
@@ -183,35 +183,11 @@ def render(rows: Sequence[Row], systems: Sequence[str]) -> str:
     return "\n".join(parts)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}") from exc
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"need one or more sizes >= 0: {text}")
-    return values
-
-
 def _name_list(text: str) -> tuple[str, ...]:
     values = tuple(part.strip() for part in text.split(",") if part.strip())
     if not values:
         raise argparse.ArgumentTypeError("need one or more system names")
     return values
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--payloads",
-        type=_int_list,
+        type=_args.int_list,
         default=DEFAULT_PAYLOADS,
         metavar="N,N,...",
         help="payload sizes in bytes (default: %(default)s)",
@@ -239,12 +215,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--iterations",
-        type=_positive_int,
+        type=_args.positive_int,
         help=f"at most this many timed round trips per measurement (default {DEFAULT_ITERATIONS})",
     )
     parser.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=_args.positive_float,
         help=f"at most about this long per measurement (default {DEFAULT_SECONDS})",
     )
     parser.add_argument(
