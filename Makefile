@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The install compiles these with mypyc into extension modules beside them, which Python imports
+# instead: an edit must rebuild them (rpcfast/_compiled.py lists them; import refuses stale ones).
+HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py
+
+$(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat

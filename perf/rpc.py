@@ -268,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.breakdown:
         return _breakdown(config, log)
+    print(f"rpcfast hot path compiled with mypyc: {importlib.import_module('rpcfast').COMPILED}")
     rows = run_benchmarks(config, backend, log)
     if not args.no_idle and "rpcfast-udp" in systems:
         log("rpcfast-udp: idle server CPU")

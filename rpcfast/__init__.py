@@ -4,6 +4,7 @@ Define a service with a Cap'n Proto interface and a Python class, serve it on UD
 in-process endpoints, and call it with ``await``. See README.md.
 """
 
+from rpcfast import _compiled  # first: refuses to import stale compiled modules
 from rpcfast._client import Connection, Stub, connect
 from rpcfast._errors import (
     PeerDead,
@@ -19,7 +20,11 @@ from rpcfast._service import Service, fast
 from rpcfast._trace import TimeTrace
 from rpcfast.dispatch import DispatchConfig
 
+COMPILED: bool = _compiled.hot_path_compiled()
+"""Whether the per-datagram hot path runs as mypyc-compiled C (see ``rpcfast._compiled``)."""
+
 __all__ = [
+    "COMPILED",
     "Body",
     "Connection",
     "Deferred",

@@ -72,6 +72,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Final, TypeAlias
 
+import attr
 import attrs
 
 from rpcfast._types import Buffer
@@ -91,7 +92,10 @@ __all__ = [
 ]
 
 Addr: TypeAlias = Hashable
-RequestToken: TypeAlias = tuple[Addr, int, int]
+# (peer, client_id, sequence). A variable-length tuple type on purpose: mypyc keeps fixed-length
+# tuples unboxed and boxes them anew wherever they become objects, which would allocate a token
+# per use and defeat the ``token is self._last_token`` shortcut in reply()
+RequestToken: TypeAlias = tuple[Any, ...]
 Event: TypeAlias = tuple[int, Any, Any]
 # the peer is whatever the driver passed in, typed Any so drivers can hand it to sendmsg
 Datagram: TypeAlias = tuple[Any, tuple[Buffer, ...]]
@@ -125,6 +129,9 @@ _REQUEST_HEAD: Final = _MAGIC | _ALL_DATA << 8 | _FROM_CLIENT << 16
 _RESPONSE_HEAD: Final = _MAGIC | _ALL_DATA << 8
 _TAIL_NO_ACK: Final = (1 << 48) - 1  # offset and frag: zero in an ALL_DATA datagram
 
+# compiled code looks a builtin up by name at every use, a Final module constant only once
+_memoryview: Final = memoryview
+
 _REASON_TOO_LARGE: Final = 1
 _REASONS: Final = {_REASON_TOO_LARGE: "refused by server: message too large"}
 
@@ -145,25 +152,30 @@ class MalformedPacket(Exception):
     """The only error the ``*_untrusted`` parsers raise; receive() drops and counts it."""
 
 
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
-
-
 @attrs.frozen
 class SessionConfig:
     """Tuning of one session core; both ends should use the same ``max_datagram``."""
 
     max_datagram: int = 1472
-    resend_interval: float = attrs.field(default=0.010, validator=_positive)
-    abort_after: float = attrs.field(default=1.0, validator=_positive)
+    resend_interval: float = 0.010
+    abort_after: float = 1.0
     window_bytes: int = 256 * 1024
-    response_keep: float = attrs.field(default=2.0, validator=_positive)
+    response_keep: float = 2.0
     max_message: int = 64 * 1024 * 1024
-    max_partial_messages: int = attrs.field(default=256, validator=_positive)
+    max_partial_messages: int = 256
     max_reassembly_bytes: int = 256 * 1024 * 1024
 
     def __attrs_post_init__(self) -> None:
+        # checked here rather than with field validators: mypyc compiles this module, and it
+        # type-checks class-level defaults, which ``attrs.field(...)`` is not
+        for name, value in (
+            ("resend_interval", self.resend_interval),
+            ("abort_after", self.abort_after),
+            ("response_keep", self.response_keep),
+            ("max_partial_messages", self.max_partial_messages),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
         if not HEADER_SIZE + _MIN_FRAG <= self.max_datagram <= HEADER_SIZE + _MAX_FRAG:
             raise ValueError(
                 f"max_datagram must be in [{HEADER_SIZE + _MIN_FRAG}, {HEADER_SIZE + _MAX_FRAG}]"
@@ -180,9 +192,13 @@ class SessionConfig:
             raise ValueError("max_reassembly_bytes must be at least max_message")
 
 
-@attrs.define
+@attr.s(auto_attribs=True)
 class SessionStats:
-    """Counters for operators and tests; plain ints, updated in place."""
+    """Counters for operators and tests; plain ints, updated in place.
+
+    Spelled ``attr.s(auto_attribs=True)``: mypyc compiles that to a native class, so a counter
+    update on the per-datagram path is a C struct write (``attrs.define`` stays a Python class).
+    """
 
     datagrams_in: int = 0
     datagrams_out: int = 0
@@ -700,6 +716,12 @@ class SessionCore:
         if type(datagram) is bytes:
             size = len(datagram)
             if HEADER_SIZE <= size <= self._max_in:
+                # typed, so compiled code compares machine ints instead of objects
+                head: int
+                length: int
+                cid: int
+                seq: int
+                tail: int
                 head, length, cid, seq, tail = _FAST.unpack_from(datagram)
                 if length == size - HEADER_SIZE:
                     if head == _REQUEST_HEAD and not tail & _TAIL_NO_ACK:
@@ -712,14 +734,14 @@ class SessionCore:
                             return False
                         del calls[seq]
                         if seq == self._lowest:
-                            self._lowest = next(iter(calls), self._next_seq)
+                            self._lowest = next(iter(calls)) if calls else self._next_seq
                         sink = self.response_sink
                         if sink is None:
                             self.events.append(
-                                (EV_RESPONSE, seq, memoryview(datagram)[HEADER_SIZE:])
+                                (EV_RESPONSE, seq, _memoryview(datagram)[HEADER_SIZE:])
                             )
                         else:
-                            sink(seq, memoryview(datagram)[HEADER_SIZE:])
+                            sink(seq, _memoryview(datagram)[HEADER_SIZE:])
                         return True
         try:
             return self._receive_general(datagram, peer, now)
@@ -1110,7 +1132,7 @@ class SessionCore:
             if len(datagram) - HEADER_SIZE > self._max_message:
                 self._refuse(peer, cid, seq)
                 return False
-        token = (peer, cid, seq)
+        token: RequestToken = (peer, cid, seq)
         rpc = owner.rpcs[seq] = _ServerRpc(token, owner, _IN_PROGRESS, now)
         floor = seq - ack  # after the insert, so the client record never looks idle
         if floor > owner.floor:
@@ -1119,9 +1141,9 @@ class SessionCore:
         self._last_rpc = rpc
         sink = self.request_sink
         if sink is None:
-            self.events.append((EV_REQUEST, token, memoryview(datagram)[HEADER_SIZE:]))
+            self.events.append((EV_REQUEST, token, _memoryview(datagram)[HEADER_SIZE:]))
         else:
-            sink(token, memoryview(datagram)[HEADER_SIZE:])
+            sink(token, _memoryview(datagram)[HEADER_SIZE:])
         return True
 
     def _request_fragment(

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import parse_qs
 
 from rpcfast._errors import PeerDead
@@ -35,14 +35,15 @@ if TYPE_CHECKING:
     from rpcfast._pending import PendingCall
     from rpcfast.dispatch import Dispatcher
 
-log = logging.getLogger("rpcfast.udp")
-_clock = time.perf_counter
+# Final: compiled code reads these once instead of looking them up at every use
+log: Final = logging.getLogger("rpcfast.udp")
+_clock: Final = time.perf_counter
 
-LOOPBACK_DATAGRAM = 65000
-NETWORK_DATAGRAM = 1472
-SOCKET_BUFFER = 4 * 1024 * 1024
-_RECV_SIZE = 65536
-_BATCH = 64
+LOOPBACK_DATAGRAM: Final = 65000
+NETWORK_DATAGRAM: Final = 1472
+SOCKET_BUFFER: Final = 4 * 1024 * 1024
+_RECV_SIZE: Final = 65536
+_BATCH: Final = 64
 
 
 def split_host_port(where: str) -> tuple[str, int, dict[str, list[str]]]:
@@ -135,7 +136,6 @@ class UdpTransport(Transport):
     def poll(self, now: float) -> bool:
         core = self.core
         recvfrom = self._recvfrom
-        receive = core.receive
         count = 0
         self._now = now  # replies sent by fast handlers reuse this clock reading
         try:
@@ -148,7 +148,7 @@ class UdpTransport(Transport):
                     log.debug("udp receive error: %s", exc)
                     break
                 count += 1
-                if receive(data, addr, now):
+                if core.receive(data, addr, now):
                     # a request or response was handed over (and a fast reply sent): return,
                     # so the dispatcher or the caller spinning on it goes on at once
                     break
@@ -163,8 +163,10 @@ class UdpTransport(Transport):
         return count > 0
 
     def _on_response(self, rpc_id: int, payload: memoryview) -> None:
-        pending = self._calls.pop(rpc_id, None)
+        calls = self._calls
+        pending = calls.get(rpc_id)  # get and del: compiled, cheaper than pop(rpc_id, None)
         if pending is not None:
+            del calls[rpc_id]
             pending.complete(payload)
 
     @property
