@@ -2,7 +2,9 @@
 
 Cap'n Proto objects stay at this codec boundary. An interface becomes an :class:`InterfaceSpec`
 (service id, methods by ordinal); each method has param/result codecs. Empty structs are sent as
-empty bodies and never touch capnp (the null RPC is the latency-critical path).
+empty bodies and never touch capnp (the null RPC is the latency-critical path). Bodies are
+encoded and decoded by the pure-Python codec of :mod:`rpcfast._capnp_fast` where it can (pycapnp
+costs ~2-4 us per message even for one field), and by pycapnp otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import attrs
 import capnp  # type: ignore[import-untyped,unused-ignore]
 from capnp.lib import capnp as _capnp_lib  # type: ignore[import-untyped,unused-ignore]
 
+from rpcfast._capnp_fast import Body as Body  # re-exported: the public name of decoded bodies
+from rpcfast._capnp_fast import NeedsFallback, StructType, Unsupported, compile_struct
 from rpcfast._types import Buffer
+from rpcfast._wire import MalformedMessage
 
 _SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
 _loaded: dict[str, Any] = {}
@@ -40,12 +45,13 @@ def load_schema(path: str) -> Any:
     return module
 
 
-class Body:
-    """A decoded message body; ``Data`` fields are handed out as zero-copy memoryviews.
+class CapnpBody(Body):
+    """A body read through pycapnp: for structs or messages the fast codec does not read.
 
     Valid while the message it was read from is alive (the caller keeps the receive buffer).
-    Other fields read through to the Cap'n Proto reader. Body's own names start with an
-    underscore, so they never shadow a field (Cap'n Proto field names cannot start with one).
+    Top-level ``Data`` fields are zero-copy memoryviews; other fields read through to the Cap'n
+    Proto reader (so nested Data is bytes, and errors may surface as ``capnp.KjException``
+    when a field is read).
     """
 
     __slots__ = ("_ctx", "_data_fields", "_reader")
@@ -61,7 +67,10 @@ class Body:
         return getattr(self._reader, name)
 
     def _to_dict(self) -> dict[str, Any]:
-        return dict(self._reader.to_dict())
+        try:
+            return dict(self._reader.to_dict())
+        except (capnp.KjException, UnicodeDecodeError) as exc:
+            raise MalformedMessage(str(exc)) from exc
 
     def _release(self) -> None:
         """Release the reader; the body must not be used afterwards."""
@@ -70,55 +79,80 @@ class Body:
             ctx.__exit__(None, None, None)
 
     def __repr__(self) -> str:
-        return f"Body({self._reader})"
+        return f"CapnpBody({self._reader})"
 
 
 EMPTY_BODY: bytes = b""
 _JOIN_LIMIT = 4096
 _ONE_SEGMENT = struct.Struct("<II")
+_FAST = os.environ.get("RPCFAST_CAPNP", "fast") != "pycapnp"
 
 
 @attrs.frozen
 class StructCodec:
-    """Encodes keyword arguments or a builder to bytes, and bytes to a :class:`Body`."""
+    """Encodes field mappings (or bodies, or builders) to bytes, and bytes to a :class:`Body`.
+
+    The fast codec (:mod:`rpcfast._capnp_fast`) does the work when it supports the struct, the
+    value and the message; pycapnp does the rest. ``RPCFAST_CAPNP=pycapnp`` in the environment
+    turns the fast codec off (for A/B measurements)."""
 
     module: Any
     name: str
     empty: bool
     data_fields: frozenset[str]
+    fast: StructType | None = None
 
     @classmethod
-    def from_schema(cls, struct_schema: Any, name: str) -> StructCodec:
+    def from_schema(cls, struct_schema: Any, name: str, *, fast: bool = _FAST) -> StructCodec:
         fields = list(struct_schema.fields_list)
         data_fields = frozenset(
-            f.proto.name for f in fields if str(f.proto.slot.type.which) == "data"
+            f.proto.name
+            for f in fields
+            if str(f.proto.which()) == "slot" and str(f.proto.slot.type.which()) == "data"
         )
         module = _capnp_lib._StructModule(struct_schema, name)
-        return cls(module=module, name=name, empty=not fields, data_fields=data_fields)
+        return cls(
+            module=module,
+            name=name,
+            empty=not fields,
+            data_fields=data_fields,
+            fast=compile_struct(struct_schema) if fast else None,
+        )
 
     def encode(self, value: Any) -> bytes:
-        """``value``: None, a mapping of field values, or a builder of this struct."""
+        """``value``: None, a mapping of field values, a body or a builder of this struct."""
         if value is None:
             if self.empty:
                 return EMPTY_BODY
             value = {}
-        if isinstance(value, Mapping):
-            if not value and self.empty:
-                return EMPTY_BODY
-            value = self.module.new_message(**value)
-        return b"".join(self.encode_parts(value))
+        elif self.empty and isinstance(value, Mapping) and not value:
+            return EMPTY_BODY
+        parts = self.encode_parts(value)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def encode_parts(self, value: Any) -> list[Buffer]:
         """Like :meth:`encode`, as a scatter list: large messages are never joined.
 
-        pycapnp's ``to_bytes`` costs ~2.5 ms for a 1 MB message here, ``to_segments`` ~50 us; so
-        we frame the segments ourselves (Cap'n Proto's stream framing: segment count - 1, each
-        segment's size in words, padding to a word). Small one-segment messages are joined
-        (cheaper than a scatter send)."""
-        if value is None or isinstance(value, Mapping):
+        The fast codec sends Data of 4 KiB or more as its own buffer. For pycapnp, whose
+        ``to_bytes`` costs ~2.5 ms for a 1 MB message here and ``to_segments`` ~50 us, we frame
+        the segments ourselves (Cap'n Proto's stream framing: segment count - 1, each segment's
+        size in words, padding to a word). Small one-segment messages are joined (cheaper than a
+        scatter send)."""
+        fast = self.fast
+        if value is None or value.__class__ is dict or isinstance(value, Mapping):
             if not value and self.empty:
                 return []
+            if fast is not None:
+                try:
+                    return fast.encode(value or {})
+                except Unsupported:
+                    pass  # pycapnp takes it, or raises its own error for it
             value = self.module.new_message(**(value or {}))
+        elif fast is not None and value.__class__ is fast.cls:
+            try:
+                return fast.encode(value)
+            except Unsupported:
+                value = self.module.new_message(**value._to_dict())
         segments = value.to_segments()
         if len(segments) == 1:
             segment = segments[0]
@@ -137,20 +171,39 @@ class StructCodec:
         return [struct.pack(f"<{len(sizes) + 1}I", count - 1, *sizes), *segments]
 
     def decode(self, body: memoryview) -> Body | None:
-        """Raise ``capnp.KjException`` (caught by callers) on garbage."""
+        """Raise :class:`MalformedMessage` (caught by callers) on garbage."""
         if self.empty and len(body) == 0:
             return None
+        fast = self.fast
+        if fast is not None:
+            try:
+                return fast.decode(body)
+            except NeedsFallback:
+                pass  # valid but unusual (several segments, far pointers): pycapnp reads it
+        return self.decode_capnp(body)
+
+    def decode_capnp(self, body: memoryview) -> CapnpBody:
+        """Read with pycapnp. Its reader is lazy: the message's pointers are checked here, Text
+        when it is read (``capnp.KjException`` or ``UnicodeDecodeError`` then)."""
         if len(body) == 0:
             body = memoryview(self.module.new_message().to_bytes())
-        ctx = self.module.from_bytes(body)
         try:
-            reader = ctx.__enter__()
-        except capnp.KjException as exc:
-            if "unaligned" not in str(exc):
+            ctx = self.module.from_bytes(body)
+            try:
+                reader = ctx.__enter__()
+            except capnp.KjException as exc:
+                if "unaligned" not in str(exc):
+                    raise
+                ctx = self.module.from_bytes(bytes(body))  # bytes objects are 8-byte aligned
+                reader = ctx.__enter__()
+            try:
+                reader.total_size  # noqa: B018 (walks every pointer: bad ones raise here)
+            except BaseException:
+                ctx.__exit__(None, None, None)
                 raise
-            ctx = self.module.from_bytes(bytes(body))  # bytes objects are 8-byte aligned
-            reader = ctx.__enter__()
-        return Body(reader, ctx, self.data_fields)
+        except (capnp.KjException, ValueError) as exc:  # ValueError: not whole words
+            raise MalformedMessage(str(exc)) from exc
+        return CapnpBody(reader, ctx, self.data_fields)
 
 
 @attrs.frozen

@@ -245,7 +245,7 @@ class Server:
         self.stats.errors += 1
         if isinstance(exc, ServiceError):
             return _error_response(Status.APPLICATION_ERROR, exc.message, exc.code)
-        if isinstance(exc, capnp.KjException):
+        if isinstance(exc, (capnp.KjException, _wire.MalformedMessage)):
             self.stats.malformed += 1
             return _error_response(Status.MALFORMED_REQUEST, f"{method.name}: {exc}")
         log.exception("handler %s failed", method.name)
