@@ -20,8 +20,9 @@ in the same run (absolute times drift between runs on a shared machine). ``op: "
 check the issue's goals against what was measured, met or not.
 
 On a machine with fewer free cores than busy processes, spinning decides the numbers: the
-servers' dispatcher spin budget (``--spin-us``, a list sweeps it) and the client's
-(``--client-spin-us``).
+servers' dispatcher spin budget (``--spin-us``, a list sweeps it), the client's
+(``--client-spin-us``), and whether all of them stop spinning after 50 us while the machine is
+oversubscribed (``--park-when-busy``, on by default; ``--no-park-when-busy`` for the old policy).
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ class Config:
     directory: str | None = None
     client_spin_us: float | None = None
     """The benchmark client's dispatcher spin (call spin and idle spin); None: rpcfast's."""
+    park_when_busy: bool = True
+    """Servers and the benchmark client spin politely on an oversubscribed machine
+    (``DispatchConfig.park_when_busy``)."""
 
 
 @frozen
@@ -431,14 +435,15 @@ def _kv_context(spec: ClusterSpec, via: str = "KvClient") -> dict[str, Value]:
     return _context(via, spec.replicas, spec.durability, spec.spin_us, spec.servers)
 
 
-def client_dispatch_config(client_spin_us: float | None) -> Any:
-    """The client's ``DispatchConfig``: rpcfast's defaults, or both spins set to the value."""
+def client_dispatch_config(client_spin_us: float | None, park_when_busy: bool = False) -> Any:
+    """The client's ``DispatchConfig``: rpcfast's defaults, or both spins set to the value;
+    ``park_when_busy`` as given."""
     import rpcfast
 
     if client_spin_us is None:
-        return rpcfast.DispatchConfig()
+        return rpcfast.DispatchConfig(park_when_busy=park_when_busy)
     spin = client_spin_us / 1e6
-    return rpcfast.DispatchConfig(spin_budget=spin, call_spin=spin)
+    return rpcfast.DispatchConfig(spin_budget=spin, call_spin=spin, park_when_busy=park_when_busy)
 
 
 def planned_kv_ops(spec: ClusterSpec, config: Config) -> list[tuple[str, str, int]]:
@@ -602,7 +607,7 @@ async def _measure_cluster(
 
     kv_capnp: Any = rpcfast.load_schema("kvstore.capnp")
     # The first use in this trio run creates the dispatcher, with this configuration.
-    rpcfast.dispatch.current(client_dispatch_config(config.client_spin_us))
+    rpcfast.dispatch.current(client_dispatch_config(config.client_spin_us, config.park_when_busy))
     async with await KvClient.open(
         coordinator=coordinator, timeout=KV_TIMEOUT_S, rpc_timeout=KV_RPC_TIMEOUT_S
     ) as kv:
@@ -638,6 +643,7 @@ def run_kvstore(config: Config, log: Log = _quiet) -> list[Row]:
                 spec.durability,
                 spin_us=spec.spin_us,
                 segment_kb=config.segment_kb,
+                park_when_busy=config.park_when_busy,
             )
             try:
                 cluster.start(progress=lambda line: log(f"  {line}"))
@@ -1090,6 +1096,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the benchmark client's call spin and idle spin (default: rpcfast's, 500 and 2000 us)",
     )
     parser.add_argument(
+        "--park-when-busy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="kvstore servers and the client stop spinning after 50 us idle while more "
+        "threads are runnable than cores (default: on)",
+    )
+    parser.add_argument(
         "--iterations",
         type=_args.positive_int,
         help=f"at most this many timed operations per measurement (default {DEFAULT_ITERATIONS})",
@@ -1148,6 +1161,7 @@ def run(args: argparse.Namespace) -> int:
         fsync=not args.no_fsync,
         directory=args.dir,
         client_spin_us=args.client_spin_us,
+        park_when_busy=args.park_when_busy,
     )
 
     def log(line: str) -> None:
@@ -1156,7 +1170,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_benchmarks(config, log)
     print(render(rows))
     if args.json:
-        client = client_dispatch_config(config.client_spin_us)
+        client = client_dispatch_config(config.client_spin_us, config.park_when_busy)
         data_dir = config.directory or tempfile.gettempdir()
         _stats.write_json(
             args.json,
@@ -1177,6 +1191,7 @@ def run(args: argparse.Namespace) -> int:
                 "fsync_cluster": config.fsync,
                 "client_call_spin_us": client.call_spin * 1e6,
                 "client_idle_spin_us": client.spin_budget * 1e6,
+                "park_when_busy": config.park_when_busy,
                 "data_dir_filesystem": filesystem_of(data_dir),
                 "redis_server": _binary_version("redis-server", "--version"),
                 "memcached": _binary_version("memcached", "-V"),

@@ -10,6 +10,12 @@ so an idle process burns no CPU.
 Measured on this 2-core VM (see DESIGN.md section 3): a sleeping wake-up costs ~40 us and a trio
 checkpoint ~4 us, against ~1 us for a non-blocking receive that finds nothing. Hence the spin.
 
+Spinning pays only while there is a core to spare. With ``park_when_busy`` the loop watches the
+machine's runnable count and, while it exceeds the cores, stops spinning after ``busy_spin``: a
+local kvstore cluster (client, master and 3 backups on 2 cores) wrote R=3 about 2-3x faster that
+way (perf/kv.py), because its idle spinners no longer hold the cores the others need. Only
+while the recent waits for work were long, though: both ends of a read loop keep spinning.
+
 Callers waiting for a response may also drive the loop inline (``poll_once``) for a short while
 before they sleep; see ``rpcfast._client``.
 """
@@ -34,6 +40,15 @@ log = logging.getLogger("rpcfast.dispatch")
 
 _clock = time.perf_counter
 sched_yield = os.sched_yield
+_INLINE_WAIT = 0.001
+"""Longest sleep in the dispatcher's own epoll (its resolution), trio waits meanwhile."""
+_GAP_FLOOR = 0.000005
+_WAKE_COST = 0.00015
+"""A wake-up from a sleep here, at worst on a loaded 2-core machine (DESIGN.md: ~40 us quiet)."""
+_SHORT_WAITS = 4.0
+"""Recent idle stretches under this many ``busy_spin`` keep a busy loop spinning."""
+_DECAY = 0.75
+"""Per stretch, how much of the longest recent one is still remembered."""
 
 
 @attrs.frozen
@@ -49,6 +64,57 @@ class DispatchConfig:
     runnable process (a 2-core machine running client, master and backups) at ~0.3 us a spin."""
     gap_warning: float = 0.010
     """A stretch longer than this between two polls is logged (something hogged the loop)."""
+    park_when_busy: bool = False
+    """Spin only while the machine has a core to spare. While more threads are runnable than
+    there are cores (``/proc/loadavg``, re-read every ``load_interval``), the idle loop parks
+    after ``busy_spin`` instead of ``spin_budget``, and a caller spinning inline
+    (``poll_once``) sleeps in epoll after ``busy_spin`` of empty polls. On a 2-core machine
+    running a client, a master and 3 backups, idle spinners otherwise hold the cores that the
+    processes with work need (and keep the kernel from moving them to an idle core).
+    Only while its recent waits for work were long (over 4 ``busy_spin``): a process whose
+    work comes back at once (either end of a read loop) keeps spinning. Sleeping, not
+    ``sched_yield``: a yielding spinner may wait out another process's whole time slice,
+    while a woken sleeper gets a core at once."""
+    busy_spin: float = 0.00005
+    """Seconds of idle spin before sleeping while the machine is oversubscribed: long enough
+    to catch a reply that comes back at once (a read), short beside a replicated write."""
+    load_interval: float = 0.00005
+    """How often (seconds) a spinning loop re-reads the runnable count (~2 us a read)."""
+    load_file: str = "/proc/loadavg"
+    """Where the runnable count is read (its 4th field, ``running/total``)."""
+
+
+class LoadProbe:
+    """Whether more threads are runnable than the machine has cores, from the running count in
+    ``/proc/loadavg`` (instantaneous, unlike the averages beside it). Re-read at most every
+    ``interval`` seconds; where the file cannot be read the machine counts as never busy."""
+
+    def __init__(self, interval: float, path: str = "/proc/loadavg") -> None:
+        self._interval = interval
+        self._cores = os.cpu_count() or 1
+        self._next = -math.inf
+        self._busy = False
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            self._fd = -1
+
+    def busy(self, now: float) -> bool:
+        if now < self._next:
+            return self._busy
+        self._next = now + self._interval
+        if self._fd >= 0:
+            try:
+                fields = os.pread(self._fd, 128, 0).split()
+                self._busy = int(fields[3].partition(b"/")[0]) > self._cores
+            except (OSError, IndexError, ValueError):
+                self._busy = False
+        return self._busy
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 @attrs.define
@@ -56,6 +122,8 @@ class DispatchStats:
     polls: int = 0
     parks: int = 0
     yields: int = 0
+    busy_parks: int = 0
+    inline_waits: int = 0
     timer_runs: int = 0
     long_gaps: int = 0
     longest_gap: float = 0.0
@@ -80,6 +148,17 @@ class Dispatcher:
         self._closed = False
         self._last_poll = _clock()
         self.client_endpoints: dict[tuple[str, bool], Transport] = {}
+        cfg = self.config
+        self._load = LoadProbe(cfg.load_interval, cfg.load_file) if cfg.park_when_busy else None
+        self.busy_spin = min(cfg.busy_spin, cfg.spin_budget)
+        self._idle_since = math.inf  # start of the current run of empty inline polls
+        # recent idle stretches between two polls that found work (a decaying maximum): short
+        # ones mean work comes back quickly, so spinning on a busy machine still pays (a read
+        # loop); long ones mean the wait is on other processes that need the cores (a write
+        # replicated to 3 backups)
+        self._recent_idle = 0.0
+        self._worked_at = self._last_poll
+        self._slept = False
 
     # -- transports -------------------------------------------------------------------------------
     def add_transport(self, transport: Transport) -> None:
@@ -141,7 +220,40 @@ class Dispatcher:
 
     # -- the loop ---------------------------------------------------------------------------------
     def poll_once(self) -> bool:
-        """Poll every transport once and run due timers; return whether any work was done."""
+        """Poll every transport once and run due timers; return whether any work was done.
+
+        For callers that spin on it inline: with ``park_when_busy``, after ``busy_spin`` of
+        polls that found nothing on an oversubscribed machine, it sleeps until a transport has
+        input (at most ~1 ms) instead of returning at once."""
+        worked = self._poll_all()
+        if worked:
+            self._idle_since = math.inf
+        elif self._load is not None:
+            now = self._last_poll
+            if now < self._idle_since:
+                self._idle_since = now
+            elif (
+                now - self._idle_since > self.busy_spin
+                and self._recent_idle > _SHORT_WAITS * self.busy_spin
+                and self._load.busy(now)
+            ):
+                self._wait_inline()
+        return worked
+
+    def _wait_inline(self) -> None:
+        """Sleep in the kernel until a transport fd is readable (at most ~1 ms, epoll's
+        resolution, nor past the next transport timer): a woken sleeper gets a core promptly,
+        while a yielding spinner may wait out another process's whole time slice."""
+        for transport in self._transports:
+            if transport.has_pending():  # input that no fd announces (ZeroMQ's edge trigger)
+                return
+        timeout = min(_INLINE_WAIT, self._next_deadline - _clock())
+        if timeout > 0:
+            self.stats.inline_waits += 1
+            self._slept = True
+            self._epoll.poll(timeout)
+
+    def _poll_all(self) -> bool:
         now = _clock()
         if now - self._last_poll > self._gap_warning:
             self._note_gap(now - self._last_poll)
@@ -150,6 +262,14 @@ class Dispatcher:
         for poll in self._polls:
             if poll(now):
                 worked = True
+        if worked and self._load is not None:  # (only park_when_busy needs the stretches)
+            gap = now - self._worked_at
+            if self._slept:  # don't count our own wake-up as waiting (or sleeping would stick)
+                gap -= _WAKE_COST
+                self._slept = False
+            if gap > _GAP_FLOOR:  # (back-to-back work is no idle stretch)
+                self._recent_idle = max(gap, self._recent_idle * _DECAY)
+            self._worked_at = now
         if now >= self._next_deadline:
             self._run_timers(now)
         return worked
@@ -174,20 +294,30 @@ class Dispatcher:
         """Run until cancelled; closes every transport on the way out."""
         cfg = self.config
         share_cpu = cfg.share_cpu
+        load = self._load
+        spin_budget = cfg.spin_budget
         last_work = last_yield = _clock()
         try:
             while not self._closed:
                 try:
-                    worked = self.poll_once()
+                    worked = self._poll_all()
                 except Exception:  # a transport bug must not take the process down
                     self.stats.errors += 1
                     log.exception("transport poll failed")
                     worked = False
                     await trio.sleep(0.001)
                 self.stats.polls += 1
+                self._idle_since = math.inf  # a caller's inline spin starts a new idle run
                 now = _clock()
+                budget = spin_budget
                 if worked:
                     last_work = now
+                elif (
+                    load is not None
+                    and self._recent_idle > _SHORT_WAITS * self.busy_spin
+                    and load.busy(now)
+                ):
+                    budget = self.busy_spin
                 elif share_cpu:
                     sched_yield()
                 if self._need_yield or self.active_tasks or now - last_yield > cfg.yield_interval:
@@ -197,7 +327,9 @@ class Dispatcher:
                     last_yield = _clock()
                     # time spent in other tasks is not a gap of ours
                     self._last_poll = last_yield
-                elif now - last_work > cfg.spin_budget:
+                elif now - last_work > budget:
+                    if budget != spin_budget:
+                        self.stats.busy_parks += 1
                     await self._park()
                     last_work = last_yield = self._last_poll = _clock()
         finally:
@@ -208,6 +340,7 @@ class Dispatcher:
             if transport.has_pending():
                 return
         self.stats.parks += 1
+        self._slept = True
         timeout = self._next_deadline - _clock()
         if timeout <= 0:
             return
@@ -230,6 +363,8 @@ class Dispatcher:
         self._transports.clear()
         self._polls = ()
         self._epoll.close()
+        if self._load is not None:
+            self._load.close()
 
     @property
     def closed(self) -> bool:

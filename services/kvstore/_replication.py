@@ -477,14 +477,14 @@ class ReplicaManager:
             seg.buf = bytearray()
             return False
         self._trim(seg)
-        busy = any(rep.call is not None for rep in seg.replicas) or bool(seg.discarding)
-        return (
-            busy
-            or seg.free_requested
-            or (seg.closed and not close_ok)
-            or len(seg.replicas) < r
-            or not all(self._replica_done(seg, rep, close_ok) for rep in seg.replicas)
-        )
+        if seg.discarding or seg.free_requested or (seg.closed and not close_ok):
+            return True
+        if len(seg.replicas) < r:
+            return True
+        for rep in seg.replicas:  # (a loop, not any()/all(): this runs on every ack)
+            if rep.call is not None or not self._replica_done(seg, rep, close_ok):
+                return True
+        return False
 
     def _replica_done(self, seg: _Segment, rep: _Replica, close_ok: bool) -> bool:
         return rep.opened and rep.acked >= seg.length and (rep.closed or not close_ok)
@@ -528,6 +528,8 @@ class ReplicaManager:
 
     def _trim(self, seg: _Segment) -> None:
         """Drop copied bytes that every replica fed from the copy has acknowledged."""
+        if not seg.buf:
+            return  # (the copy holds [base, length): nothing to drop, base is the length)
         # where each replica's next write starts (an unopened one's open may be in flight)
         fed = [rep.acked for rep in seg.replicas if rep.acked >= seg.base]
         if not fed:
@@ -707,11 +709,18 @@ class ReplicaManager:
 
     def _update_committed(self, seg: _Segment) -> None:
         r = self.replicas
-        acked = sorted((rep.acked for rep in seg.replicas if rep.opened), reverse=True)
-        if len(acked) >= r and acked[r - 1] > seg.committed:
-            seg.committed = acked[r - 1]
-            self._opening.pop(seg.id, None)
-        if not seg.committed_close and sum(rep.closed for rep in seg.replicas) >= r:
+        acked = [rep.acked for rep in seg.replicas if rep.opened]
+        if len(acked) >= r:
+            if len(acked) > r:  # (a replacement catching up beside R others)
+                acked.sort(reverse=True)
+                level = acked[r - 1]
+            else:
+                level = min(acked)
+            if level > seg.committed:
+                seg.committed = level
+                self._opening.pop(seg.id, None)
+        # (a replica is closed only after its segment is)
+        if seg.closed and not seg.committed_close and sum(rep.closed for rep in seg.replicas) >= r:
             seg.committed_close = True
 
     # -- waiters -------------------------------------------------------------------------------

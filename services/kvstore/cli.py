@@ -63,6 +63,8 @@ def _server(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         durability=args.durability,
         spin_budget=args.spin_us / 1e6,
+        park_when_busy=args.park_when_busy,
+        busy_spin=args.busy_spin_us / 1e6,
     )
 
     async def main() -> None:
@@ -108,8 +110,12 @@ class LocalCluster:
         durability: str,
         spin_us: float = 200,
         segment_kb: int = 8192,
+        park_when_busy: bool = True,
+        busy_spin_us: float = 50,
     ):
         self.spin_us = spin_us
+        self.park_when_busy = park_when_busy
+        self.busy_spin_us = busy_spin_us
         self.segment_kb = segment_kb
         self.directory = directory
         self.servers = servers
@@ -173,6 +179,9 @@ class LocalCluster:
                     str(self.spin_us),
                     "--segment-kb",
                     str(self.segment_kb),
+                    "--busy-spin-us",
+                    str(self.busy_spin_us),
+                    "--park-when-busy" if self.park_when_busy else "--no-park-when-busy",
                 ]
             )
             self.server_addresses.append(address)
@@ -208,6 +217,8 @@ def _cluster(args: argparse.Namespace) -> int:
         args.durability,
         args.spin_us,
         args.segment_kb,
+        args.park_when_busy,
+        args.busy_spin_us,
     )
     try:
         cluster.start()
@@ -425,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--durability", choices=["buffered", "fsync"], default="buffered")
     p.add_argument("--segment-kb", type=int, default=8192, help="segment size in KB")
     p.add_argument("--spin-us", type=float, default=200, help="dispatcher spin budget")
+    _add_busy_flags(p)
     p.set_defaults(func=_server)
 
     p = sub.add_parser("cluster", help="run a whole local cluster")
@@ -435,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--durability", choices=["buffered", "fsync"], default="buffered")
     p.add_argument("--segment-kb", type=int, default=8192, help="segment size in KB")
     p.add_argument("--spin-us", type=float, default=200, help="servers' dispatcher spin budget")
+    _add_busy_flags(p)
     p.add_argument(
         "--workload", type=float, default=0, help="run a mixed workload for S s, then stop"
     )
@@ -458,6 +471,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("value")
         p.set_defaults(func=_data)
     return parser
+
+
+def _add_busy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--park-when-busy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="while more threads are runnable than cores, park after --busy-spin-us of idle "
+        "spin instead of --spin-us (default: on)",
+    )
+    p.add_argument(
+        "--busy-spin-us",
+        type=float,
+        default=50,
+        help="idle spin before parking while oversubscribed",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

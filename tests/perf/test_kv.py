@@ -148,6 +148,15 @@ def test_client_spin_sets_both_spins_or_keeps_rpcfast_defaults() -> None:
     assert kv.client_dispatch_config(None) == rpcfast.DispatchConfig()
     config = kv.client_dispatch_config(150.0)
     assert (config.call_spin, config.spin_budget) == pytest.approx((150e-6, 150e-6))
+    assert not config.park_when_busy
+    assert kv.client_dispatch_config(None, True).park_when_busy
+    assert kv.client_dispatch_config(150.0, True).park_when_busy
+
+
+def test_park_when_busy_is_on_unless_turned_off() -> None:
+    parser = cli.build_parser({"kv": "perf.kv"})
+    assert parser.parse_args(["kv"]).park_when_busy
+    assert not parser.parse_args(["kv", "--no-park-when-busy"]).park_when_busy
 
 
 @pytest.mark.parametrize(
@@ -183,6 +192,7 @@ def test_smoke_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert set(document) == {"machine", "config", "results"}
     assert document["config"]["replicas"] == [0]
     assert document["config"]["client_call_spin_us"] == pytest.approx(500.0)  # rpcfast's default
+    assert document["config"]["park_when_busy"] is True
     assert document["machine"]["cpu_count"] >= 1
 
     measured = {

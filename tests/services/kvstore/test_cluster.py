@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import trio
 
 from services.kvstore import ObjectDoesntExist, TableDoesntExist
 from services.kvstore._client import KvClient
-from services.kvstore.cli import LocalCluster, gather_status, main
+from services.kvstore.cli import LocalCluster, build_parser, gather_status, main
 
 
 @pytest.fixture
@@ -91,6 +92,10 @@ def test_cli_put_get_rm_and_status_json(
     assert main(["status", *coord, "--json"]) == 0
     out = capsys.readouterr().out
     assert '"servers"' in out and '"tablets"' in out
+    status = json.loads(out)
+    for server in status["servers"]:
+        assert server["stats"]["dispatch"]["polls"] > 0
+        assert "busy_parks" in server["stats"]["dispatch"]
 
     async def gone() -> None:
         async with await KvClient.open(coordinator=cluster.coordinator) as kv:
@@ -98,6 +103,14 @@ def test_cli_put_get_rm_and_status_json(
                 await kv.read(await kv.get_table_id("cli"), b"hello")
 
     trio.run(gone)
+
+
+def test_servers_park_when_busy_unless_told_not_to() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["server", "--coordinator", "udp://127.0.0.1:1"])
+    assert args.park_when_busy and args.busy_spin_us == 50
+    args = parser.parse_args(["cluster", "--no-park-when-busy", "--busy-spin-us", "80"])
+    assert not args.park_when_busy and args.busy_spin_us == 80
 
 
 def test_restarted_coordinator_resumes_tables(tmp_path: Path) -> None:
