@@ -383,9 +383,10 @@ class ObjectManager:
                     old_version,
                     old_total,
                     tsize,
+                    h,
                 )
             else:
-                new_ref = log.append_object(table_id, key, value, new_version, ts, size)
+                new_ref = log.append_object(table_id, key, value, new_version, ts, size, key_hash=h)
         except LogFull:
             self._retries += 1
             raise Retry("memory capacity exceeded (cleaner behind)") from None

@@ -8,82 +8,84 @@ replica sink sees survivors opened, appended and closed, then the cleaned segmen
 tombstone-ratio balancer (RAMCloud's default ``tombstoneRatio:0.40``) picks the task.
 
 There are no threads: :meth:`LogCleaner.step` does a bounded slice of work and returns, so a
-server calls it from its event loop between requests. Liveness is checked when an entry is
-copied, and the hash table is updated by compare-and-swap in the same slice, so an object
-overwritten or removed between slices is never resurrected.
+server calls it from its event loop between requests.
 
-Every phase is incremental, so a slice stays within its time budget and within
-``cleaner_bytes_per_step`` work units (bytes copied; scanning, sorting and committing are
-charged in byte equivalents, see the ``COST_*`` constants):
+Relocation works on batches of entries with numpy, never parsing entries one by one: every
+segment carries an index written at append time (offset, flags, key hash or tombstone target;
+see :class:`~services.kvstore.log.Segment`). For a batch, liveness is one vectorised probe of
+the hash table (a reference is unique, so an object is live iff its bucket chain holds exactly
+its reference), runs of live entries that are contiguous in the source are copied with one
+slice copy each, and the hash table is repointed with one scatter. Check, copy and repoint
+happen in the same slice, so an object overwritten or removed between slices is never
+resurrected. Copying bytes keeps each entry's checksum, which recovery verifies; the cleaner
+trusts its own memory as the request paths do.
 
-* scanning walks the sources entry by entry, recording each candidate as one integer key,
-  ``timestamp << 40 | source << 24 | offset``, which orders by age and locates the entry;
-* sorting happens in chunks of at most ``RUN_CHUNK`` keys as they are scanned (a segment's
-  entries are nearly always in age order already, so a chunk usually only needs the check);
-  sorted chunks that continue each other join one run. Chunks are kept as ``array('Q')``
-  (8 bytes a key), so no slice ever allocates, grows or frees one big list of Python ints
-  (freeing 700,000 of them at the end of a pass took ~7 ms);
-* relocation merges the runs lazily (``heapq.merge``), copying one live entry at a time and
-  dropping each chunk as soon as it is consumed;
-* committing (closing the last survivor, the new digest, freeing the cleaned segments) gets
-  a slice of its own; its cost grows with the number of segments in the log, not with data.
+Combined cleaning scans each source once (its index plus the entries' timestamps, gathered
+with numpy), sorts each source's candidates by age, and relocates in global age order by
+merging the per-source runs a batch at a time. A source is emptied as soon as the merge has
+passed its last candidate, and its seglets are given back right then (they stay unreachable to
+new data until readers are done), so the survivors of later sources can use them: a pass needs
+room for about one source's survivors, not all of them, and dense segments can be cleaned with
+only the survivor reserve free. Sources are ordered by age as well, so they usually empty in
+turn.
+
+Work is charged against ``cleaner_bytes_per_step`` in bytes-copied equivalents (``COST_*``); a
+step overruns its budget by at most one batch, and batches are sized to the budget left.
 """
 
 from __future__ import annotations
 
 import enum
-import heapq
+import itertools
 import math
-import struct
 import time
-from array import array
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
+import numpy as np
 
 from services.kvstore.errors import InternalError
-from services.kvstore.log._entries import (
-    SEGMENT_HEADER_ENTRY_SIZE,
-    TOMB_SEGMENT_OFFSET,
-    TOMB_TIMESTAMP_OFFSET,
-    EntryType,
+from services.kvstore.log._entries import SEGMENT_HEADER_ENTRY_SIZE
+from services.kvstore.log._hashtable import HashTable
+from services.kvstore.log._log import OFFSET_BITS, Log, StorageConfig
+from services.kvstore.log._segments import (
+    IDX_FLAGS,
+    IDX_NO_HASH,
+    IDX_OTHER,
+    IDX_SHIFT,
+    IDX_TOMB,
+    Pool,
+    Segment,
+    SegmentState,
+    copy_runs,
 )
-from services.kvstore.log._log import Log, StorageConfig
-from services.kvstore.log._segments import Pool, Segment, SegmentState
 
 MAX_CLEANABLE_MEMORY_UTILIZATION = 98
 MIN_DISK_UTILIZATION = 95
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_OBJ_TIMESTAMP = 4
-_OBJ = int(EntryType.OBJ)
-_OBJTOMB = int(EntryType.OBJTOMB)
 
-# Work units charged against cleaner_bytes_per_step, in bytes-copied equivalents (measured
-# here: scanning an entry ~0.5 us, checking one's liveness ~1.5 us, copying one ~1 us plus
-# ~10 ns per byte).
-COST_SCAN_ENTRY = 16  # plus an eighth of the entry's size
-COST_SORT_KEY = 4  # per key in a chunk that was out of order
-COST_MERGE_RUN = 64  # per run, once, when relocation starts
-COST_CANDIDATE = 64  # per entry considered for relocation, plus its size if copied
+# Work units charged against cleaner_bytes_per_step, in bytes-copied equivalents.
+COST_BATCH = 256  # per batch: a dozen numpy calls on its entries
+COST_ENTRY = 2  # per entry considered, plus an eighth of its size, plus its size if copied
+COST_SCAN_ENTRY = 2  # per entry of a source scanned for a cleaning pass (a source a unit)
 COST_COMMIT_SEGMENT = 512  # per segment the commit touches (survivors, cleaned, the log's)
-RUN_CHUNK = 256  # keys sorted at once (~30 us if in random order): the longest sort in a slice
-_SOURCE_BITS = 8  # a key is 32 bits of timestamp, 8 of source, 24 of offset: one u64
-_MAX_SOURCES = 1 << _SOURCE_BITS
-_OFFSET_MASK = (1 << 24) - 1
+MAX_BATCH = 4096  # entries in one batch at most
+COMPACT_AT_ONCE = 16  # segments compacted in one pass at most
 
 
 class CleanerHandlers(Protocol):
     """What the cleaner needs from the owner of the hash table (the object manager)."""
 
-    def object_hash_if_live(self, ref: int) -> int | None:
-        """The key hash of the object entry at ``ref`` if the hash table points at it, else None."""
+    @property
+    def hash_table(self) -> HashTable:
+        """The table the cleaner probes and repoints in batches."""
         ...
 
-    def object_relocated(self, key_hash: int, old_ref: int, new_ref: int) -> bool:
-        """Compare-and-swap the hash table entry from ``old_ref`` to ``new_ref``."""
+    def object_hash_if_live(self, ref: int) -> int | None:
+        """The key hash of the object entry at ``ref`` if the hash table points at it, else None.
+
+        Only for objects appended without their key hash (the index marks them).
+        """
         ...
 
 
@@ -153,6 +155,7 @@ class CleanerStats:
     segments_cleaned: int
     survivor_segments: int
     bytes_relocated: int
+    entries_relocated: int
     seglets_freed: int
     compaction_failures: int
     aborted_passes: int
@@ -173,29 +176,83 @@ class _Budget:
         return self.units <= 0 or self.timer() >= self.deadline
 
 
+class _Entries:
+    """The indexed entries of a pass's sources, as parallel numpy arrays (one row an entry).
+
+    ``src`` numbers the source, ``off``/``size`` locate the entry in it, ``flags`` and ``aux``
+    come from the index (``aux`` gets the key hash filled in for unhashed objects).
+    """
+
+    def __init__(self, sources: list[Segment]) -> None:
+        counts = [len(seg.idx_words) for seg in sources]
+        total = sum(counts)
+        words = np.frombuffer(
+            b"".join([seg.idx_words.tobytes() for seg in sources]), dtype=np.uint32
+        ).astype(np.int64)
+        off = words >> IDX_SHIFT
+        size = np.empty(total, dtype=np.int64)
+        size[:-1] = off[1:] - off[:-1]
+        ends = np.cumsum(counts)
+        self.first: list[int] = [0, *ends[:-1].tolist()]
+        last = [e - 1 for e, c in zip(ends.tolist(), counts, strict=True) if c]
+        size[last] = [seg.length for seg, c in zip(sources, counts, strict=True) if c] - off[last]
+        self.off = off
+        self.size = size
+        self.flags = words & IDX_FLAGS
+        self.aux = np.frombuffer(
+            b"".join([seg.idx_aux.tobytes() for seg in sources]), dtype=np.uint64
+        ).copy()
+        self.src = np.repeat(np.arange(len(sources), dtype=np.int64), counts)
+        self.count = total
+        self.ends = ends.tolist()  # entry number just past each source's entries
+        slot_bits = np.array([seg.slot << OFFSET_BITS for seg in sources], dtype=np.uint64)
+        self.ref = slot_bits[self.src] | off.astype(np.uint64)
+
+
 class _Compaction:
-    def __init__(self, source: Segment, target: Segment) -> None:
-        self.source = source
-        self.target = target
+    """Compaction of several segments in turn, each into its own target, in shared batches.
+
+    A source's target is allocated just before its entries are reached, so the seglets of
+    the sources compacted before it (given back as each finishes) can serve it.
+    """
+
+    def __init__(self, sources: list[Segment]) -> None:
+        self.sources = sources
+        self.targets: list[Segment] = []  # one per source reached so far
+        self.entries = _Entries(sources)
         self.cursor = 0
+        self.stop = self.entries.count  # entries of sources that got no target are skipped
+        self.finished = 0  # sources whose compacted copy has replaced them
+        # Seglet arena positions of the sources with targets and of the targets (copy_runs).
+        self.bases: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 class _Cleaning:
-    def __init__(self, sources: list[Segment], reservation: list[int]) -> None:
-        self.sources = sources
+    """A combined-cleaning pass.
+
+    With room for all survivors (``sequential`` False) live entries move in global age order.
+    Otherwise the sources are relocated one after the other (oldest first, each in age
+    order), so each is emptied, and its seglets freed, before the next one starts.
+    """
+
+    def __init__(self, sources: list[Segment], reservation: list[int], *, sequential: bool) -> None:
+        self.sources = sources  # oldest first
         self.source_ids = {s.id for s in sources}
         self.reservation = reservation
-        # Tombstones not copied because their target is a source: (source, target id, bytes).
+        self.sequential = sequential
+        # Tombstones not copied because their target leaves the log with this pass:
+        # (source, target id, bytes).
         self.dropped: list[tuple[Segment, int, int]] = []
-        self.scanning = True
+        self.entries: _Entries | None = None
         self.scan_index = 0
-        self.scan_offset = 0
-        # Candidate keys (timestamp << 32 | source << 24 | offset): the chunk being scanned,
-        # whether it is still in order, and the sorted runs made of finished chunks.
-        self.chunk: list[int] = []
-        self.chunk_sorted = True
-        self.runs: list[deque[array[int]]] = []
-        self.order: Iterator[int] | None = None  # the runs merged by age
+        # Per source: its candidates' entry numbers in age order, and how many are consumed.
+        self.runs: list[np.ndarray] = []
+        self.run_keys: list[np.ndarray] = []
+        self.cursors: list[int] = []
+        self.left: list[int] = []  # candidates of each source not yet relocated or dropped
+        self.last_key = 0  # timestamp of the last candidate taken
+        self.emptied: set[int] = set()  # ids of sources whose memory is given back
+        self.freed_seglets = 0
         self.relocated_all = False
         self.item_index = 0
         self.item_count = 0
@@ -203,12 +260,6 @@ class _Cleaning:
         self.current: Segment | None = None
         self.flushed = 0
         self.aborted = False
-
-
-def _drain(run: deque[array[int]]) -> Iterator[int]:
-    """A run's keys in order, letting go of each chunk once it is consumed."""
-    while run:
-        yield from run.popleft()
 
 
 class LogCleaner:
@@ -235,9 +286,12 @@ class LogCleaner:
         self._segments_cleaned = 0
         self._survivors = 0
         self._bytes_relocated = 0
+        self._entries_relocated = 0
         self._seglets_freed = 0
         self._compaction_failures = 0
         self._aborted = 0
+        self._pool_seglets = log.allocator.capacity(Pool.DEFAULT)
+        self._pool_bytes = log.default_pool_bytes
 
     # -- policy --------------------------------------------------------------------------
 
@@ -248,10 +302,11 @@ class LogCleaner:
         large segments the 90% rule alone would sleep while the next roll-over cannot happen.
         """
         log = self._log
-        pool = log.default_pool_bytes
-        starved = log.allocator.free_count(Pool.DEFAULT) < 2 * log.seglets_per_segment
+        pool = self._pool_bytes
+        free = log.allocator.free_count(Pool.DEFAULT)
+        starved = free < 2 * log.seglets_per_segment
         return (
-            100.0 if starved else log.memory_utilization(),
+            100.0 if starved else 100.0 * (self._pool_seglets - free) / self._pool_seglets,
             min(100.0, 100.0 * log.live_object_bytes / pool),
             min(100.0, 100.0 * log.live_tombstone_bytes / pool),
             log.disk_utilization(),
@@ -281,11 +336,9 @@ class LogCleaner:
         # The balancer sleeps for certain below 90% memory use (and a nearly empty backup log):
         # answer that without computing every utilisation, as this runs between requests.
         log = self._log
-        allocator = log.allocator
-        free = allocator.free_count(Pool.DEFAULT)
-        in_use = allocator.capacity(Pool.DEFAULT) - free
+        free = log.allocator.free_count(Pool.DEFAULT)
         if (
-            in_use * 10 < 9 * allocator.capacity(Pool.DEFAULT)
+            (self._pool_seglets - free) * 10 < 9 * self._pool_seglets
             and free >= 2 * log.seglets_per_segment
             and log.disk_utilization() < MIN_DISK_UTILIZATION
         ):
@@ -300,6 +353,7 @@ class LogCleaner:
             segments_cleaned=self._segments_cleaned,
             survivor_segments=self._survivors,
             bytes_relocated=self._bytes_relocated,
+            entries_relocated=self._entries_relocated,
             seglets_freed=self._seglets_freed,
             compaction_failures=self._compaction_failures,
             aborted_passes=self._aborted,
@@ -314,7 +368,7 @@ class LogCleaner:
         ``now`` comes from the same clock the log stamps segments with; it ages segments for
         cost-benefit. Returns whether any work was done (memory reclaimed, entries copied or a
         pass started or finished); False means the balancer says sleep. A step overruns its
-        budget by at most one unit of work (one entry, one sorted chunk, one commit).
+        budget by at most one unit of work (one batch, one scanned source, one commit).
         """
         units = self._config.cleaner_bytes_per_step
         budget = _Budget(units, self._timer() + budget_seconds, self._timer)
@@ -363,77 +417,311 @@ class LogCleaner:
             return self._start_compaction()
         return cleaning
 
+    # -- moving batches of entries -------------------------------------------------------
+
+    def _live(self, job: _Compaction | _Cleaning, ids: np.ndarray) -> np.ndarray:
+        """Hash-table slots of the entries ``ids`` (-1 for tombstones), -2 where dead."""
+        e = job.entries
+        assert e is not None
+        flags = e.flags[ids]
+        out = np.full(len(ids), -1, dtype=np.int64)
+        if not flags.any():  # objects only, all with their key hash: the common case
+            found = self._handlers.hash_table.find_slots(e.aux[ids], e.ref[ids])
+            out[found < 0] = -2
+            out[found >= 0] = found[found >= 0]
+            return out
+        obj = (flags & (IDX_TOMB | IDX_OTHER)) == 0
+        hashed = obj & ((flags & IDX_NO_HASH) == 0)
+        table = self._handlers.hash_table
+        if hashed.any():
+            where = np.flatnonzero(hashed)
+            sel = ids[where]
+            found = table.find_slots(e.aux[sel], e.ref[sel])
+            out[where] = np.where(found >= 0, found, -2)
+        unhashed = np.flatnonzero(obj & ~hashed)
+        for i in unhashed.tolist():
+            g = int(ids[i])
+            ref = int(e.ref[g])
+            h = self._handlers.object_hash_if_live(ref)
+            if h is None:
+                out[i] = -2
+                continue
+            e.aux[g] = h
+            e.flags[g] &= ~IDX_NO_HASH
+            out[i] = table.slot_of(h, ref)
+        tombs = np.flatnonzero((flags & IDX_TOMB) != 0)
+        if len(tombs):
+            segments = self._log.segments
+            targets = e.aux[ids[tombs]].tolist()
+            dead = np.fromiter((t not in segments for t in targets), bool, len(targets))
+            out[tombs[dead]] = -2
+        out[(flags & IDX_OTHER) != 0] = -2
+        return out
+
+    def _place(
+        self,
+        job: _Cleaning,
+        ids: np.ndarray,
+        slots: np.ndarray,
+        dst: Segment,
+    ) -> int:
+        """Copy live entries ``ids`` (in this order) to the end of ``dst``; repoint and account.
+
+        ``dst`` has the room. Returns the bytes copied.
+        """
+        e = job.entries
+        assert e is not None
+        sources = job.sources
+        src = e.src[ids]
+        off = e.off[ids]
+        size = e.size[ids]
+        n = len(ids)
+        start = dst.length
+        ends = off + size
+        # Runs: consecutive entries of one source that are back to back there.
+        brk = np.flatnonzero((src[1:] != src[:-1]) | (off[1:] != ends[:-1])) + 1
+        first = np.concatenate(([0], brk))
+        last = np.concatenate((brk, [n])) - 1
+        new_off = start + np.cumsum(size) - size
+        bases, src_first, dst_first = self._bases_table(sources, [dst])
+        copy_runs(
+            self._log.allocator.view,
+            self._log.seglet_size,
+            bases,
+            src_first[src[first]],
+            off[first],
+            np.full(len(first), dst_first[0]),
+            new_off[first],
+            ends[last] - off[first],
+        )
+        total = int(size.sum())
+        dst.length = start + total
+        flags = e.flags[ids]
+        aux = e.aux[ids]
+        objs = slots >= 0
+        if objs.any():
+            new_refs = np.uint64(dst.slot << OFFSET_BITS) | new_off[objs].astype(np.uint64)
+            self._handlers.hash_table.set_slots(slots[objs], aux[objs], new_refs)
+        words = (new_off << IDX_SHIFT) | flags
+        dst.idx_words.frombytes(words.astype(np.uint32).tobytes())
+        dst.idx_aux.frombytes(aux.tobytes())
+        # Accounting: every entry here was live in its source.
+        tomb = (flags & IDX_TOMB) != 0
+        dst.live_bytes += total
+        if len(sources) == 1:
+            sources[0].live_bytes -= total
+            if tomb.any():
+                tomb_bytes = int(size[tomb].sum())
+                sources[0].tombstone_bytes -= tomb_bytes
+                dst.tombstone_bytes += tomb_bytes
+                if sources[0].id != dst.id:
+                    self._move_tombstones(sources, src[tomb], aux[tomb], size[tomb], dst)
+        else:
+            per_src = np.bincount(src, weights=size, minlength=len(sources))
+            for i in np.flatnonzero(per_src).tolist():
+                sources[i].live_bytes -= int(per_src[i])
+            if tomb.any():
+                per_tomb = np.bincount(src[tomb], weights=size[tomb], minlength=len(sources))
+                for i in np.flatnonzero(per_tomb).tolist():
+                    sources[i].tombstone_bytes -= int(per_tomb[i])
+                dst.tombstone_bytes += int(size[tomb].sum())
+                self._move_tombstones(sources, src[tomb], aux[tomb], size[tomb], dst)
+        self._bytes_relocated += total
+        self._entries_relocated += n
+        return total
+
+    def _move_tombstones(
+        self,
+        sources: list[Segment],
+        src: np.ndarray,
+        targets: np.ndarray,
+        size: np.ndarray,
+        dst: Segment,
+    ) -> None:
+        cells: dict[tuple[int, int], list[int]] = {}
+        for s, t, z in zip(src.tolist(), targets.tolist(), size.tolist(), strict=True):
+            cell = cells.get((s, t))
+            if cell is None:
+                cells[(s, t)] = [z, 1]
+            else:
+                cell[0] += z
+                cell[1] += 1
+        move = self._log.move_tombstones
+        for (s, t), (z, c) in cells.items():
+            move(t, sources[s].id, dst.id, z, c)
+
     # -- compaction ----------------------------------------------------------------------
 
     def _start_compaction(self) -> _Compaction | None:
+        """Pick the segments that pay most to compact (RAMCloud's score), several at once.
+
+        They share numpy batches, which spreads the fixed cost of a batch and of choosing;
+        each gets its own target when its turn comes and replaces its source when done.
+        Segments scoring under half the best wait for a later pass.
+        """
         log = self._log
         size = log.seglet_size
-        best: Segment | None = None
-        best_need = 0
-        best_score = -1.0
+        header = SEGMENT_HEADER_ENTRY_SIZE
+        scored: list[tuple[float, Segment]] = []
         for seg in log.cleanable_segments():
-            need = -(-(seg.live_bytes + SEGMENT_HEADER_ENTRY_SIZE) // size)
-            unused = len(seg.seglets) - need
-            if unused <= 0:
-                continue
-            score = compaction_score(seg.live_bytes, unused, size)
-            if score > best_score:
-                best, best_need, best_score = seg, need, score
-        if best is None:
+            live = seg.live_bytes
+            unused = len(seg.seglets) - -(-(live + header) // size)
+            if unused > 0:
+                scored.append((math.inf if live == 0 else unused * size / live, seg))
+        if not scored:
             return None
-        seglets = log.take_seglets(best_need)
-        if len(seglets) < best_need:
+        scored.sort(key=lambda t: t[0], reverse=True)
+        best = scored[0][0]
+        sources = [seg for score, seg in scored[:COMPACT_AT_ONCE] if score * 2 >= best]
+        job = _Compaction(sources)
+        if not self._target_for(job, 0):
+            return None
+        return job
+
+    def _target_for(self, job: _Compaction, k: int) -> bool:
+        """Give source ``k`` (the next without one) its target; False if no seglets."""
+        log = self._log
+        src = job.sources[k]
+        need = -(-(src.live_bytes + SEGMENT_HEADER_ENTRY_SIZE) // log.seglet_size)
+        seglets = log.take_seglets(need)
+        if len(seglets) < need:
+            log.reclaim()
+            seglets += log.take_seglets(need - len(seglets))
+        if len(seglets) < need:
             log.allocator.free(seglets)
-            return None
-        target = log.new_side_segment(seglets, SegmentState.COMPACTING, best.id)
-        return _Compaction(best, target)
+            return False
+        job.targets.append(log.new_side_segment(seglets, SegmentState.COMPACTING, src.id))
+        return True
+
+    def _batch_end(self, e: _Entries, first: int, limit: int, units: int) -> int:
+        """End of a batch of entries ``[first, end)`` costing about ``units`` at most."""
+        end = min(limit, first + MAX_BATCH)
+        size = e.size[first:end]
+        cost = np.cumsum(size + (size >> 3) + COST_ENTRY)
+        if cost[-1] <= units - COST_BATCH:
+            return end
+        return first + max(1, int(np.searchsorted(cost, units - COST_BATCH, side="right")))
 
     def _run_compaction(self, job: _Compaction, budget: _Budget) -> bool:
-        log = self._log
-        src, dst = job.source, job.target
-        offset = job.cursor
-        end = src.length
-        while offset < end:
-            entry_type, buf, pos, _n, total = src.entry_at(offset)
-            if entry_type == _OBJ:
-                budget.units -= COST_CANDIDATE
-                old_ref = log.ref(src, offset)
-                key_hash = self._handlers.object_hash_if_live(old_ref)
-                if key_hash is not None:
-                    self._check_room(dst, total)
-                    new_ref = log.relocate(src, offset, entry_type, total, dst)
-                    if not self._handlers.object_relocated(key_hash, old_ref, new_ref):
-                        raise InternalError("hash table lost an object during compaction")
-                    self._bytes_relocated += total
-                    budget.units -= total
-            elif entry_type == _OBJTOMB:
-                budget.units -= COST_CANDIDATE
-                (target_id,) = _U64.unpack_from(buf, pos + TOMB_SEGMENT_OFFSET)
-                if log.tombstone_live(target_id):
-                    self._check_room(dst, total)
-                    log.relocate(src, offset, entry_type, total, dst)
-                    self._bytes_relocated += total
-                    budget.units -= total
-            else:
-                budget.units -= COST_SCAN_ENTRY
-            offset += total
+        e = job.entries
+        while job.cursor < job.stop:
+            first = job.cursor
+            end = self._batch_end(e, first, job.stop, budget.units)
+            # Every source the batch reaches needs its target; stop before one that gets none.
+            last_src = int(e.src[end - 1])
+            while len(job.targets) <= last_src:
+                k = len(job.targets)
+                if not self._target_for(job, k):
+                    job.stop = e.first[k]
+                    end = min(end, job.stop)
+                    break
+            if end <= first:
+                break
+            ids = np.arange(first, end)
+            slots = self._live(job, ids)
+            budget.units -= (
+                COST_BATCH + int((e.size[first:end] >> 3).sum()) + COST_ENTRY * (end - first)
+            )
+            job.cursor = end
+            live = slots != -2
+            if live.any():
+                budget.units -= self._compact_batch(job, ids[live], slots[live])
+            while job.finished < len(job.targets) and e.ends[job.finished] <= job.cursor:
+                self._finish_one(job)
+                budget.units -= COST_COMMIT_SEGMENT
             if budget.spent():
                 break
-        job.cursor = offset
-        if offset < end:
+        if job.cursor < job.stop:
             return False
-        freed = log.finish_compaction(src, dst)
-        budget.units -= COST_COMMIT_SEGMENT
-        self._seglets_freed += freed
+        while job.finished < len(job.targets):  # sources with no entries at all
+            self._finish_one(job)
         self._compactions += 1
-        self._segments_compacted += 1
         self._compaction_failed = False
         return True
 
     @staticmethod
-    def _check_room(dst: Segment, total: int) -> None:
-        if dst.room() < total:
-            raise InternalError("compaction target too small: live-byte accounting is wrong")
+    def _bases_table(
+        sources: list[Segment], targets: list[Segment]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Seglet arena positions of ``sources`` then ``targets``, and where each starts."""
+        lists = [s.bases for s in sources] + [t.bases for t in targets]
+        starts = np.cumsum([0] + [len(b) for b in lists[:-1]])
+        bases = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64)
+        return bases, starts[: len(sources)], starts[len(sources) :]
+
+    def _finish_one(self, job: _Compaction) -> None:
+        i = job.finished
+        self._seglets_freed += self._log.finish_compaction(job.sources[i], job.targets[i])
+        self._segments_compacted += 1
+        job.finished += 1
+
+    def _compact_batch(self, job: _Compaction, ids: np.ndarray, slots: np.ndarray) -> int:
+        """Copy live entries ``ids`` of the sources to their targets; repoint, index, account."""
+        e = job.entries
+        sources = job.sources
+        targets = job.targets
+        src = e.src[ids]
+        off = e.off[ids]
+        size = e.size[ids]
+        n = len(ids)
+        ends = off + size
+        # Groups: entries of one source (ids ascend, so each source's are contiguous).
+        group_first = np.flatnonzero(src[1:] != src[:-1]) + 1
+        firsts = [0, *group_first.tolist()]
+        group_src = src[firsts].tolist()
+        csum = np.cumsum(size)
+        before = csum - size  # bytes of the batch before each entry
+        start_of_group = np.repeat(before[firsts], np.diff([*firsts, n]))
+        base = np.array([targets[g].length for g in group_src], dtype=np.int64)
+        new_off = np.repeat(base, np.diff([*firsts, n])) + before - start_of_group
+        live_bytes = np.bincount(src, weights=size)
+        for g in group_src:
+            if targets[g].room() < int(live_bytes[g]):
+                raise InternalError("compaction target too small: live-byte accounting is wrong")
+        # Runs of back-to-back entries (a source's live entries land back to back).
+        brk = np.flatnonzero((src[1:] != src[:-1]) | (off[1:] != ends[:-1])) + 1
+        first = np.concatenate(([0], brk))
+        last = np.concatenate((brk, [n])) - 1
+        run_src = src[first]
+        if job.bases is None or len(job.bases[2]) != len(targets):
+            job.bases = self._bases_table(sources[: len(targets)], targets)
+        bases, src_first, dst_first = job.bases
+        copy_runs(
+            self._log.allocator.view,
+            self._log.seglet_size,
+            bases,
+            src_first[run_src],
+            off[first],
+            dst_first[run_src],
+            new_off[first],
+            ends[last] - off[first],
+        )
+        flags = e.flags[ids]
+        aux = e.aux[ids]
+        objs = slots >= 0
+        target_bits = np.array([t.slot << OFFSET_BITS for t in targets], dtype=np.uint64)
+        new_refs = target_bits[src[objs]] | new_off[objs].astype(np.uint64)
+        self._handlers.hash_table.set_slots(slots[objs], aux[objs], new_refs)
+        words = ((new_off << IDX_SHIFT) | flags).astype(np.uint32).tobytes()
+        auxb = aux.tobytes()
+        tomb_bytes = np.bincount(src, weights=size * ((flags & IDX_TOMB) != 0))
+        for k, g in enumerate(group_src):
+            lo = firsts[k]
+            hi = firsts[k + 1] if k + 1 < len(firsts) else n
+            t = targets[g]
+            t.idx_words.frombytes(words[4 * lo : 4 * hi])
+            t.idx_aux.frombytes(auxb[8 * lo : 8 * hi])
+            moved = int(live_bytes[g])
+            tombs = int(tomb_bytes[g])
+            t.length += moved
+            sources[g].live_bytes -= moved
+            t.live_bytes += moved
+            sources[g].tombstone_bytes -= tombs
+            t.tombstone_bytes += tombs
+        total = int(csum[-1])
+        self._bytes_relocated += total
+        self._entries_relocated += n
+        return total
 
     # -- combined cleaning ---------------------------------------------------------------
 
@@ -442,9 +730,8 @@ class LogCleaner:
 
         A survivor is closed only when the next entry does not fit, so it holds more than
         ``segment_size - max_entry`` bytes and, trimmed, wastes less than ``max_entry`` bytes
-        of its seglets; only the last one may waste most of a seglet. (Charging a whole seglet
-        per survivor, as before, exceeded the dead space of dense segments: a pass of ten then
-        never paid and the cleaner wedged with memory full.)
+        of its seglets; only the last one, never closed for that reason, may waste most of a
+        seglet.
         """
         if live <= 0:
             return 0
@@ -452,18 +739,53 @@ class LogCleaner:
         header = SEGMENT_HEADER_ENTRY_SIZE
         per_segment = max(1, log.segment_size - header - log.max_entry_seen)
         count = -(-live // per_segment)
-        waste = count * (header + log.max_entry_seen)
+        # Each closed survivor: at most header + max_entry beyond its live bytes once trimmed;
+        # the last one: its header plus a partial seglet (the +1).
+        waste = (count - 1) * (header + log.max_entry_seen) + header
         return -(-(live + waste) // log.seglet_size) + 1
+
+    def _plan(
+        self, chosen: list[Segment], drop: dict[int, int], seg: Segment
+    ) -> tuple[int, int, int, int, dict[int, int]]:
+        """What adding ``seg`` to ``chosen`` makes of a pass.
+
+        Returns ``(survivor seglets, peak seglets, seglets freed, dropped, drop)``. Sources go
+        oldest first and each gives its seglets back once emptied, so the pass needs at most
+        ``peak`` seglets beyond those it frees on the way. ``drop`` maps a source to the
+        tombstone bytes it need not copy (their target is emptied no later than it);
+        ``dropped`` is their sum. ``drop`` for ``chosen`` is updated, not recomputed.
+        """
+        holders_of = self._log.tombstone_holders
+        key = (seg.created, seg.id)
+        new = dict(drop)
+        mine = holders_of(seg.id)
+        own = mine.get(seg.id)
+        if own is not None:
+            new[seg.id] = new.get(seg.id, 0) + own[0]
+        for other in chosen:
+            cell = mine.get(other.id)  # other holds tombstones of seg's objects
+            if cell is not None and (other.created, other.id) >= key:
+                new[other.id] = new.get(other.id, 0) + cell[0]
+            cell = holders_of(other.id).get(seg.id)  # seg holds tombstones of other's
+            if cell is not None and key >= (other.created, other.id):
+                new[seg.id] = new.get(seg.id, 0) + cell[0]
+        live = 0
+        freed = 0
+        peak = 0
+        for s in sorted([*chosen, seg], key=lambda x: (x.created, x.id)):
+            live += s.live_bytes - new.get(s.id, 0)
+            peak = max(peak, self._survivor_seglets(live) - freed)
+            freed += len(s.seglets)
+        return self._survivor_seglets(live), peak, freed, sum(new.values()), new
 
     def _start_cleaning(self, now: float) -> _Cleaning | None:
         """Choose sources by cost-benefit; start a pass if it frees memory now or soon.
 
         The benefit counts, besides the sources' dead bytes, live tombstones that the pass
-        retires: those inside the sources whose target is a source too are dropped instead of
-        copied (``intra``), those elsewhere die at the commit and become compactable
-        (``elsewhere``). A pass whose survivors cost at most what it frees at once is started
-        when it retires tombstones elsewhere; otherwise memory full of tombstones of dead
-        objects in dense (compacted) segments would wedge the cleaner.
+        retires: those elsewhere die at the commit and become compactable. A pass whose
+        survivors cost at most what it frees at once is started when it retires tombstones
+        elsewhere; otherwise memory full of tombstones of dead objects in dense (compacted)
+        segments would wedge the cleaner.
         """
         log = self._log
         segment_size = log.segment_size
@@ -490,63 +812,68 @@ class LogCleaner:
             picked = self._pick_sources(by_room, available)
         if picked is None:
             return None
-        chosen, need = picked
-        return _Cleaning(chosen, log.take_seglets(need))
+        chosen, need, peak = picked
+        chosen.sort(key=lambda s: (s.created, s.id))
+        available = log.allocator.free_count(Pool.CLEANER) + log.allocator.free_count(Pool.DEFAULT)
+        if need <= available:
+            return _Cleaning(chosen, log.take_seglets(need), sequential=False)
+        return _Cleaning(chosen, log.take_seglets(peak), sequential=True)
 
     def _pick_sources(
         self, candidates: list[Segment], available: int
-    ) -> tuple[list[Segment], int] | None:
-        """Greedily take ``candidates`` in order; the sources and survivor seglets, if it pays.
+    ) -> tuple[list[Segment], int, int] | None:
+        """Greedily take ``candidates`` in order; the sources, survivor and peak seglets.
 
-        Segments whose survivors would not fit in ``available`` seglets are skipped.
+        A segment is skipped if the pass's peak survivor need would pass ``available``.
         """
         log = self._log
         holders_of = log.tombstone_holders
         cap = self._config.max_live_segments_per_pass * log.segment_size
         chosen: list[Segment] = []
-        chosen_ids: set[int] = set()
+        drop: dict[int, int] = {}
+        need = peak = freed = dropped = retired = 0
+        worth = -math.inf
+        best: tuple[float, int, int, int, int, int, int] | None = None
         live = 0
-        freed = 0
-        intra = 0  # tombstone bytes in sources whose target is a source: dropped
-        retired = 0  # all live tombstone bytes whose target is a source
-        for seg in candidates:
-            if len(chosen) == _MAX_SOURCES:
+        # Candidates far down the order rarely join; looking at them all costs a lot.
+        for seg in candidates[: 4 * self._config.max_live_segments_per_pass + 8]:
+            if live >= cap:
                 break
-            more = live + seg.live_bytes
-            holders = holders_of(seg.id)
-            gain = holders[seg.id][0] if seg.id in holders else 0
-            for holder_id, cell in holders.items():
-                if holder_id in chosen_ids:
-                    gain += cell[0]
-            for other in chosen:
-                held = holders_of(other.id).get(seg.id)
-                if held is not None:
-                    gain += held[0]
-            if chosen and more - intra - gain > cap:
+            t_need, t_peak, t_freed, t_dropped, t_drop = self._plan(chosen, drop, seg)
+            if chosen and live + seg.live_bytes - t_dropped > cap:
                 continue
-            if self._survivor_seglets(more - intra - gain) > available:
+            if t_peak > available:
+                continue
+            # Worth: seglets freed at the commit, plus tombstone bytes elsewhere that it
+            # retires (compactable afterwards). A segment that lowers it is left out, unless
+            # it holds a seglet of dead bytes itself: the worst-case survivor estimate charges
+            # survivors' slack to whichever segment needs a new one, so a later one may pay it
+            # back. The pass is the prefix of the segments taken that is worth most.
+            t_retired = retired + sum(cell[0] for cell in holders_of(seg.id).values())
+            trial_worth = (t_freed - t_need) * log.seglet_size + t_retired - t_dropped
+            roomy = seg.allocated_bytes - seg.live_bytes >= log.seglet_size
+            if trial_worth <= worth and not roomy:
                 continue
             chosen.append(seg)
-            chosen_ids.add(seg.id)
-            live = more
-            intra += gain
-            retired += sum(cell[0] for cell in holders.values())
-            freed += len(seg.seglets)
-        if not chosen:
+            drop = t_drop
+            need, peak, freed, dropped, retired = t_need, t_peak, t_freed, t_dropped, t_retired
+            worth = trial_worth
+            live += seg.live_bytes
+            if best is None or worth >= best[0]:
+                best = (worth, len(chosen), need, peak, freed, dropped, retired)
+        if best is None:
             return None
-        need = self._survivor_seglets(live - intra)
+        _worth, count, need, peak, freed, dropped, retired = best
+        del chosen[count:]
         now_gain = freed - need
-        if now_gain < 1 and (now_gain < 0 or retired - intra < log.seglet_size):
+        if now_gain < 1 and (now_gain < 0 or retired - dropped < log.seglet_size):
             return None
-        return chosen, need
+        return chosen, need, peak
 
     def _run_cleaning(self, job: _Cleaning, budget: _Budget) -> bool:
-        if job.scanning and (not self._scan(job, budget) or budget.spent()):
+        scanning = job.entries is None or job.scan_index < len(job.sources)
+        if scanning and (not self._scan(job, budget) or budget.spent()):
             return False
-        if job.order is None:
-            self._merge_runs(job, budget)
-            if budget.spent():
-                return False
         if not job.relocated_all and not job.aborted:
             self._relocate(job, budget)
             if budget.spent():
@@ -557,131 +884,168 @@ class LogCleaner:
         return True
 
     def _scan(self, job: _Cleaning, budget: _Budget) -> bool:
-        """Record candidate entries as age-ordered keys; True once all sources are scanned."""
-        sources = job.sources
-        while job.scan_index < len(sources):
-            seg = sources[job.scan_index]
-            entry_at = seg.entry_at
-            source = job.scan_index << 24
-            chunk = job.chunk
-            last = chunk[-1] if chunk else -1
-            offset = job.scan_offset
-            end = seg.length
-            while offset < end:
-                entry_type, buf, pos, _n, total = entry_at(offset)
-                offset_before = offset
-                offset += total
-                budget.units -= COST_SCAN_ENTRY + (total >> 3)
-                if entry_type == _OBJ:
-                    key = _U32.unpack_from(buf, pos + _OBJ_TIMESTAMP)[0] << 32 | source
-                elif entry_type == _OBJTOMB:
-                    key = _U32.unpack_from(buf, pos + TOMB_TIMESTAMP_OFFSET)[0] << 32 | source
-                else:
-                    if budget.spent():
-                        break
-                    continue
-                key |= offset_before
-                if key < last:
-                    job.chunk_sorted = False
-                chunk.append(key)
-                last = key
-                if len(chunk) >= RUN_CHUNK:
-                    self._end_chunk(job, budget)
-                    chunk = job.chunk
-                    last = -1
-                if budget.spent():
-                    break
-            job.scan_offset = offset
-            if offset < end:
-                return False
+        """Sort each source's candidates by age, a source at a time; True once all are done."""
+        if job.entries is None:
+            job.entries = _Entries(job.sources)
+            budget.units -= COST_BATCH
+        e = job.entries
+        arena = self._log.allocator.arena
+        while job.scan_index < len(job.sources):
+            i = job.scan_index
+            seg = job.sources[i]
+            first = e.first[i]
+            last = e.first[i + 1] if i + 1 < len(job.sources) else e.count
+            ids = np.arange(first, last)
+            ids = ids[(e.flags[first:last] & IDX_OTHER) == 0]
+            off = e.off[ids]
+            pos = seg.positions(off)
+            content = off + 2 + (arena[pos] >> 6).astype(np.int64)
+            stamp = np.zeros(len(ids), dtype=np.int64)
+            for k in range(4):  # the timestamp is bytes 4..7 of the content
+                stamp |= arena[seg.positions(content + 4 + k)].astype(np.int64) << (8 * k)
+            order = np.argsort(stamp, kind="stable")
+            job.runs.append(ids[order])
+            job.run_keys.append(stamp[order])
+            job.cursors.append(0)
+            job.left.append(len(ids))
+            job.item_count += len(ids)
+            budget.units -= COST_BATCH + COST_SCAN_ENTRY * len(ids)
             job.scan_index += 1
-            job.scan_offset = 0
             if budget.spent():
-                return False
-        self._end_chunk(job, budget)
-        job.scanning = False
-        return True
-
-    @staticmethod
-    def _merge_runs(job: _Cleaning, budget: _Budget) -> None:
-        """Set up the age-ordered walk over all runs (lazy: relocation pulls from it)."""
-        budget.units -= COST_MERGE_RUN * len(job.runs)
-        job.order = heapq.merge(*(_drain(run) for run in job.runs))
-        job.runs = []
-
-    @staticmethod
-    def _end_chunk(job: _Cleaning, budget: _Budget) -> None:
-        """Sort the chunk just scanned (if needed) and add it to the runs."""
-        chunk = job.chunk
-        if not chunk:
-            return
-        if not job.chunk_sorted:
-            chunk.sort()
-            budget.units -= COST_SORT_KEY * len(chunk)
-        keys = array("Q", chunk)
-        job.item_count += len(keys)
-        first = keys[0]
-        for run in reversed(job.runs):  # the newest run first: usually the one it continues
-            if run[-1][-1] < first:
-                run.append(keys)
                 break
+        return job.scan_index >= len(job.sources)
+
+    def _next_batch(self, job: _Cleaning, units: int) -> np.ndarray:
+        """The next candidates in global age order, about ``units`` of work; consumes them."""
+        e = job.entries
+        assert e is not None
+        heads: list[np.ndarray] = []
+        keys: list[np.ndarray] = []
+        owner: list[np.ndarray] = []
+        for r, run in enumerate(job.runs):
+            c = job.cursors[r]
+            if c >= len(run):
+                continue
+            if job.sequential and c == 0:
+                if len(run) and job.current is not None and job.run_keys[r][0] < job.last_key:
+                    # Older than what the survivor holds: start a new one, so each survivor
+                    # stays in age order.
+                    self._close_survivor(job, job.current)
+                    job.current = None
+                if not self._fits_next(job, job.sources[r]):
+                    # Not even this source's survivors fit any more: end the pass here,
+                    # cleanly, rather than leave a source half moved.
+                    break
+            take = run[c : c + MAX_BATCH]
+            heads.append(take)
+            keys.append(job.run_keys[r][c : c + MAX_BATCH])
+            owner.append(np.full(len(take), r, dtype=np.int64))
+            if job.sequential:
+                break
+        if not heads:
+            return np.empty(0, dtype=np.int64)
+        ids = np.concatenate(heads)
+        if len(heads) > 1:
+            order = np.argsort(np.concatenate(keys), kind="stable")
+            ids = ids[order]
+            runs_of = np.concatenate(owner)[order]
+            sorted_keys = np.concatenate(keys)[order]
         else:
-            job.runs.append(deque((keys,)))
-        job.chunk = []
-        job.chunk_sorted = True
+            runs_of = owner[0]
+            sorted_keys = keys[0]
+        size = e.size[ids]
+        fits = np.cumsum(size + (size >> 3) + COST_ENTRY) <= max(1, units - COST_BATCH)
+        count = max(1, min(MAX_BATCH, int(fits.sum())))
+        ids = ids[:count]
+        job.last_key = int(sorted_keys[count - 1])
+        taken = np.bincount(runs_of[:count], minlength=len(job.runs))
+        for r in np.flatnonzero(taken).tolist():
+            job.cursors[r] += int(taken[r])
+        return ids
+
+    def _fits_next(self, job: _Cleaning, src: Segment) -> bool:
+        """Whether the survivors of ``src`` surely fit in the seglets the pass can get."""
+        log = self._log
+        log.reclaim()
+        have = (
+            len(job.reservation)
+            + log.allocator.free_count(Pool.CLEANER)
+            + log.allocator.free_count(Pool.DEFAULT)
+        )
+        cur = job.current
+        spare = 0 if cur is None else cur.room()
+        return self._survivor_seglets(src.live_bytes - spare) <= have
 
     def _relocate(self, job: _Cleaning, budget: _Budget) -> None:
-        log = self._log
-        handlers = self._handlers
+        e = job.entries
+        assert e is not None
         sources = job.sources
-        assert job.order is not None
-        for item in job.order:
-            job.item_index += 1
-            src = sources[item >> 24 & (_MAX_SOURCES - 1)]
-            offset = item & _OFFSET_MASK
-            entry_type, buf, pos, _n, total = src.entry_at(offset)
-            budget.units -= COST_CANDIDATE
-            key_hash = None
-            target_id = 0
-            old_ref = 0
-            if entry_type == _OBJ:
-                old_ref = log.ref(src, offset)
-                key_hash = handlers.object_hash_if_live(old_ref)
-                if key_hash is None:
-                    if budget.spent():
-                        break
-                    continue
-            else:
-                (target_id,) = _U64.unpack_from(buf, pos + TOMB_SEGMENT_OFFSET)
-                if not log.tombstone_live(target_id):
-                    if budget.spent():
-                        break
-                    continue
-                if target_id in job.source_ids:
-                    # Its target leaves the log in this same commit: nothing to copy. (If the
-                    # target stays after all, the commit keeps this source too.)
-                    src.live_bytes -= total
-                    src.tombstone_bytes -= total
-                    job.dropped.append((src, target_id, total))
-                    if budget.spent():
-                        break
-                    continue
-            dst = self._room_for(job, total)
-            if dst is None:
-                job.aborted = True
+        while True:
+            ids = self._next_batch(job, budget.units)
+            if len(ids) == 0:
+                job.relocated_all = True
                 break
-            new_ref = log.relocate(src, offset, entry_type, total, dst)
-            if key_hash is not None:
-                if not handlers.object_relocated(key_hash, old_ref, new_ref):
-                    raise InternalError("hash table lost an object during cleaning")
-            else:
-                log.move_tombstone(target_id, src.id, dst.id, total)
-            self._bytes_relocated += total
-            budget.units -= total
+            slots = self._live(job, ids)
+            budget.units -= COST_BATCH + COST_ENTRY * len(ids) + int(e.size[ids].sum() >> 3)
+            job.item_index += len(ids)
+            live = slots != -2
+            tomb = live & (slots == -1)
+            if tomb.any():
+                # A tombstone whose target is emptied already (or is its own holder) leaves
+                # with this pass for sure: drop it instead of copying it.
+                t_ids = ids[tomb]
+                targets = e.aux[t_ids].tolist()
+                holders = e.src[t_ids].tolist()
+                drop = np.fromiter(
+                    (
+                        t in job.emptied or t == sources[h].id
+                        for t, h in zip(targets, holders, strict=True)
+                    ),
+                    bool,
+                    len(targets),
+                )
+                if drop.any():
+                    for g in t_ids[drop].tolist():
+                        src = sources[int(e.src[g])]
+                        size = int(e.size[g])
+                        src.live_bytes -= size
+                        src.tombstone_bytes -= size
+                        job.dropped.append((src, int(e.aux[g]), size))
+                    where = np.flatnonzero(tomb)[drop]
+                    live[where] = False
+            keep = ids[live]
+            kept_slots = slots[live]
+            placed = 0
+            while placed < len(keep):
+                rest = keep[placed:]
+                dst = self._room_for(job, int(e.size[rest[0]]))
+                if dst is None:
+                    job.aborted = True
+                    break
+                room = dst.capacity - dst.length
+                k = int(np.searchsorted(np.cumsum(e.size[rest]), room, side="right"))
+                k = max(1, k)
+                nbytes = int(e.size[rest[:k]].sum())
+                if not self._grow(job, dst, nbytes):
+                    job.aborted = True
+                    break
+                budget.units -= self._place(job, rest[:k], kept_slots[placed : placed + k], dst)
+                placed += k
+                self._flush(job)
+            if job.aborted:
+                # What was not placed stays live in its source, which then stays in the log.
+                break
+            done = np.bincount(e.src[ids], minlength=len(sources))
+            for i in np.flatnonzero(done).tolist():
+                job.left[i] -= int(done[i])
+                src = sources[i]
+                if job.left[i] == 0 and src.live_bytes == 0:
+                    job.freed_seglets += self._log.hollow(src)
+                    job.emptied.add(src.id)
+            if job.emptied:
+                self._log.reclaim()
             if budget.spent():
                 break
-        else:
-            job.relocated_all = True
         self._flush(job)
 
     def _take(self, job: _Cleaning, count: int) -> list[int] | None:
@@ -690,29 +1054,36 @@ class LogCleaner:
         if len(got) < count:
             got.extend(self._log.take_seglets(count - len(got)))
         if len(got) < count:
+            self._log.reclaim()
+            got.extend(self._log.take_seglets(count - len(got)))
+        if len(got) < count:
             job.reservation.extend(got)
             return None
         return got
 
+    def _grow(self, job: _Cleaning, dst: Segment, nbytes: int) -> bool:
+        """Give ``dst`` the seglets to hold ``nbytes`` more (within its capacity)."""
+        short = nbytes - dst.room()
+        if short <= 0:
+            return True
+        more = self._take(job, -(-short // self._log.seglet_size))
+        if more is None:
+            return False
+        dst.grow(more)
+        return True
+
     def _room_for(self, job: _Cleaning, total: int) -> Segment | None:
-        log = self._log
-        size = log.seglet_size
+        """The survivor the next entry (``total`` bytes) goes to; None if no seglets."""
         cur = job.current
         if cur is not None and cur.capacity - cur.length >= total:
-            short = total - cur.room()
-            if short > 0:
-                more = self._take(job, -(-short // size))
-                if more is None:
-                    return None
-                cur.grow(more)
             return cur
-        count = -(-(SEGMENT_HEADER_ENTRY_SIZE + total) // size)
+        count = -(-(SEGMENT_HEADER_ENTRY_SIZE + total) // self._log.seglet_size)
         seglets = self._take(job, count)
         if seglets is None:
             return None
         if cur is not None:
             self._close_survivor(job, cur)
-        seg = log.new_side_segment(seglets, SegmentState.SURVIVOR)
+        seg = self._log.new_side_segment(seglets, SegmentState.SURVIVOR)
         job.survivors.append(seg)
         job.current = seg
         job.flushed = seg.length
@@ -745,7 +1116,7 @@ class LogCleaner:
             log.allocator.free(job.reservation)
             job.reservation = []
             return
-        before = sum(len(s.seglets) for s in cleaned)
+        before = sum(len(s.seglets) for s in cleaned) + job.freed_seglets
         used = sum(len(s.seglets) for s in job.survivors)
         budget.units -= COST_COMMIT_SEGMENT + 8 * log.segments_in_log  # the new digest
         log.commit_cleaning(job.survivors, cleaned)
@@ -762,7 +1133,8 @@ class LogCleaner:
 
         After an aborted pass some sources keep live entries and stay in the log; a tombstone
         of an object in one of them must not vanish, so its holder stays too (its accounting
-        restored). Staying can cascade, hence the loop (at most one round per source).
+        restored). Only a source's own tombstones or those of emptied sources are dropped, so
+        a holder that stays still has them in memory. Staying can cascade, hence the loop.
         """
         staying = {s.id for s in job.sources if s.live_bytes != 0}
         restore = True
@@ -785,6 +1157,7 @@ class LogCleaner:
         if job is None:
             return "idle"
         if isinstance(job, _Compaction):
-            return f"compacting segment {job.source.id} at {job.cursor}/{job.source.length}"
-        phase = "scanning" if job.scanning else "relocating"
+            ids = ", ".join(str(s.id) for s in job.sources)
+            return f"compacting segments {ids} at {job.cursor}/{job.entries.count}"
+        phase = "scanning" if job.scan_index < len(job.sources) else "relocating"
         return f"cleaning {len(job.sources)} segments, {phase} {job.item_index}/{job.item_count}"

@@ -31,6 +31,8 @@ CHAIN_BIT = 1 << REF_BITS
 _HASH_MASK = (1 << 48) - 1
 _BUCKET = struct.Struct("<8Q")
 _LAST = ENTRIES_PER_BUCKET - 1
+_TAG_BITS = np.uint64(0xFFFF << 48)
+_CHAIN = np.uint64(CHAIN_BIT)
 
 
 class HashTable:
@@ -208,6 +210,54 @@ class HashTable:
         mv[i] = 0
         self.count -= 1
         return True
+
+    def slot_of(self, key_hash: int, ref: int) -> int:
+        """The slot (as :meth:`candidates` numbers them) holding ``ref``, or -1."""
+        want = key_hash >> 48 << 48 | ref
+        mv = self._main_mv
+        bucket = key_hash & self._mask
+        first = bucket * ENTRIES_PER_BUCKET
+        while True:
+            row = _BUCKET.unpack_from(mv, first * 8)
+            if want in row:
+                return bucket * ENTRIES_PER_BUCKET + row.index(want)
+            last = row[_LAST]
+            if not last & CHAIN_BIT:
+                return -1
+            bucket = last & REF_MASK
+            mv, first = self._area(bucket)
+
+    def find_slots(self, hashes: np.ndarray, refs: np.ndarray) -> np.ndarray:
+        """Slots of many ``(key hash, reference)`` entries at once (int64; -1 where absent).
+
+        A reference is unique, so an entry is live iff its exact value is in its bucket chain.
+        Main buckets are searched with a few numpy passes; only entries missing from a main
+        bucket that chains on are looked up one by one.
+        """
+        n = len(hashes)
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        want = (hashes & _TAG_BITS) | refs
+        bucket = (hashes & np.uint64(self._mask)).astype(np.int64)
+        rows = self._main.reshape(-1, ENTRIES_PER_BUCKET)[bucket]
+        eq = rows == want[:, None]
+        hit = eq.any(axis=1)
+        slots = np.where(hit, bucket * ENTRIES_PER_BUCKET + eq.argmax(axis=1), -1)
+        chained = np.flatnonzero(~hit & ((rows[:, _LAST] & _CHAIN) != 0))
+        for i in chained.tolist():
+            slots[i] = self.slot_of(int(hashes[i]), int(refs[i]))
+        return slots
+
+    def set_slots(self, slots: np.ndarray, hashes: np.ndarray, refs: np.ndarray) -> None:
+        """Point the entries at ``slots`` (from :meth:`find_slots`) at ``refs``, in one pass."""
+        values = (hashes & _TAG_BITS) | refs
+        main = slots < self._main_entries
+        if main.all():
+            self._main[slots] = values
+            return
+        self._main[slots[main]] = values[main]
+        for i in np.flatnonzero(~main).tolist():
+            self._ovf[int(slots[i]) - self._main_entries] = values[i]
 
     def bucket_refs(self, bucket: int) -> list[int]:
         """Every reference in main bucket ``bucket`` and its overflow chain."""

@@ -37,7 +37,15 @@ from services.kvstore.log._entries import (
     write_object_into,
     write_tombstone_into,
 )
-from services.kvstore.log._segments import Pool, SegletAllocator, Segment, SegmentState
+from services.kvstore.log._segments import (
+    IDX_NO_HASH,
+    IDX_OTHER,
+    IDX_TOMB,
+    Pool,
+    SegletAllocator,
+    Segment,
+    SegmentState,
+)
 
 OFFSET_BITS = 24
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
@@ -48,7 +56,8 @@ KiB = 1 << 10
 EMERGENCY_HEAD_SEGMENTS = 2
 SURVIVOR_SEGMENTS_TO_RESERVE = 15
 
-# An entry to append: (type, buffers, total size including its header, tombstone target or -1).
+# An entry to append: (type, buffers, total size including its header, aux). aux is a tombstone's
+# target segment id, an object's key hash (or -1: unknown, the cleaner hashes the key).
 AppendEntry = tuple[int, Sequence[Buffer], int, int]
 
 
@@ -232,6 +241,8 @@ class Log:
         self._survivor_count = 0
         self._next_id = 1
         self._pending: list[tuple[int, Segment]] = []
+        # Seglets of cleaning sources emptied before their pass commits: (epoch, seglets).
+        self._pending_seglets: list[tuple[int, list[int]]] = []
         # target segment id -> {holder segment id -> [live tombstone bytes, count]}
         self._tombs: dict[int, dict[int, list[int]]] = {}
         self.live_object_bytes = 0
@@ -244,6 +255,9 @@ class Log:
             SEGMENT_HEADER_ENTRY_SIZE + log_digest_size(total) + SAFE_VERSION_ENTRY_SIZE
         )
         self.max_append_bytes = self.segment_size - self.metadata_bytes
+        self._min_head_seglets = -(-self.metadata_bytes // self.seglet_size) + 1
+        full = total / self.seglets_per_segment
+        self._disk_percent_per_segment = 100.0 / (full * config.disk_expansion_factor)
         if self.max_append_bytes < self.seglet_size // 2:
             raise ValueError("segment_size too small for a log digest of this many seglets")
         self.head: Segment = self._open_head(Pool.DEFAULT, SegmentState.HEAD)
@@ -315,7 +329,17 @@ class Log:
         )
 
     def _open_head(self, pool: Pool, state: SegmentState) -> Segment:
+        """A new head with a full segment's seglets, or (DEFAULT pool) as many as are free.
+
+        A head short of seglets grows as it fills (:meth:`_grow_head`), so the log does not
+        need a whole free segment to roll over: near full memory, the seglets the cleaner
+        frees a few at a time are usable at once.
+        """
         seglets = self.allocator.alloc(pool, self.seglets_per_segment)
+        if seglets is None and pool is Pool.DEFAULT:
+            free = self.allocator.free_count(pool)
+            if free >= self._min_head_seglets:
+                seglets = self.allocator.alloc(pool, free)
         if seglets is None:
             raise LogFull("no seglets for a head segment")
         seg = self._new_segment(seglets, state)
@@ -365,13 +389,35 @@ class Log:
         seg.state = SegmentState.FREED
         self._pending.append((self.epochs.bump(), seg))
 
+    def hollow(self, seg: Segment) -> int:
+        """Give up the memory of a cleaning source whose live entries have all moved.
+
+        The segment stays in the log (and in digests) until its pass commits; only its seglets
+        go, once no read that might still see them is in flight. Freeing each source as soon
+        as it is emptied lets the next source's survivors use its seglets, so a pass needs
+        room for about one source's survivors, not all of them. Returns the seglets given up.
+        """
+        seglets = seg.give_up_seglets()
+        if seglets:
+            self._pending_seglets.append((self.epochs.bump(), seglets))
+        return len(seglets)
+
     def reclaim(self) -> int:
         """Reuse the seglets of retired segments no read can reach; return how many."""
-        if not self._pending:
+        if not self._pending and not self._pending_seglets:
             return 0
         oldest = self.epochs.oldest_active()
         keep: list[tuple[int, Segment]] = []
         freed = 0
+        if self._pending_seglets:
+            waiting: list[tuple[int, list[int]]] = []
+            for epoch, seglets in self._pending_seglets:
+                if oldest is not None and oldest <= epoch:
+                    waiting.append((epoch, seglets))
+                    continue
+                freed += len(seglets)
+                self.allocator.free(seglets)
+            self._pending_seglets = waiting
         for epoch, seg in self._pending:
             if oldest is not None and oldest <= epoch:
                 keep.append((epoch, seg))
@@ -386,7 +432,8 @@ class Log:
 
     @property
     def pending_free_segments(self) -> int:
-        return len(self._pending)
+        """Retired segments (and emptied sources) whose memory waits for readers to finish."""
+        return len(self._pending) + len(self._pending_seglets)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -419,8 +466,11 @@ class Log:
         if head.state is not SegmentState.HEAD or head.room() < total:
             if total > self.max_append_bytes:
                 raise ValueError("entries larger than a segment can hold")
-            if not self.roll_over():
-                raise LogFull("log memory exhausted")
+            if not self._grow_head(total):
+                if not self.roll_over():
+                    raise LogFull("log memory exhausted")
+                if not self._grow_head(total):
+                    raise LogFull("log memory exhausted")
             head = self.head
         start = head.length
         base = head.slot << OFFSET_BITS
@@ -431,14 +481,36 @@ class Log:
             if size > self.max_entry_seen:
                 self.max_entry_seen = size
             if entry_type == EntryType.OBJ:
+                if target >= 0:
+                    head.index_entry(offset, 0, target)
+                else:
+                    head.index_entry(offset, IDX_NO_HASH, 0)
                 head.live_bytes += size
                 self.live_object_bytes += size
                 self.object_count += 1
             elif entry_type == EntryType.OBJTOMB:
+                head.index_entry(offset, IDX_TOMB, target)
                 self._count_tombstone(head, target, size)
+            else:
+                head.index_entry(offset, IDX_OTHER, 0)
         if self._replicating:
             self._sink.append(head.id, start, head.read(start, head.length - start))
         return refs
+
+    def _grow_head(self, total: int) -> bool:
+        """Make room for ``total`` bytes in the head with DEFAULT seglets, if its capacity
+        allows and they are free; False otherwise (the caller rolls over)."""
+        head = self.head
+        if head.state is not SegmentState.HEAD or head.capacity - head.length < total:
+            return False
+        short = total - head.room()
+        if short <= 0:
+            return True
+        seglets = self.allocator.alloc(Pool.DEFAULT, -(-short // self.seglet_size))
+        if seglets is None:
+            return False
+        head.grow(seglets)
+        return True
 
     def _count_tombstone(self, head: Segment, target: int, size: int) -> None:
         if target not in self.segments:
@@ -470,6 +542,7 @@ class Log:
         dead_version: int = 0,
         dead_size: int = 0,
         tombstone_size: int = 0,
+        key_hash: int = -1,
     ) -> int:
         """Append one object (``size`` = its :func:`object_entry_size`); return its reference.
 
@@ -477,7 +550,8 @@ class Log:
         ``dead_size`` bytes): its tombstone (``tombstone_size`` bytes) goes first, in the same
         head segment, and the old entry is accounted dead (as :meth:`free_object` would).
         This is :meth:`append` for the request paths: when the entries fit in the head's current
-        seglet they are encoded in place. Raises :class:`LogFull` like :meth:`append`.
+        seglet they are encoded in place. ``key_hash`` goes into the segment's entry index for
+        the cleaner (-1: unknown). Raises :class:`LogFull` like :meth:`append`.
         """
         dead = self.slots[dead_ref >> OFFSET_BITS] if dead_ref else None
         total = size + tombstone_size
@@ -496,8 +570,12 @@ class Log:
             except BaseException:
                 head.length = start  # bad arguments (say, a key that is no buffer): append nothing
                 raise
+            idx_words = head.idx_words
+            idx_aux = head.idx_aux
             if dead is not None:
                 dead_id = dead.id
+                idx_words.append(start << 3 | IDX_TOMB)
+                idx_aux.append(dead_id)
                 # _count_tombstone inlined (every overwrite comes here). The dead object was
                 # live, so its segment is in the log and the tombstone starts out live.
                 head.live_bytes += tombstone_size
@@ -514,6 +592,12 @@ class Log:
                     else:
                         cell[0] += tombstone_size
                         cell[1] += 1
+            if key_hash >= 0:
+                idx_words.append((start + tombstone_size) << 3)
+                idx_aux.append(key_hash)
+            else:
+                idx_words.append((start + tombstone_size) << 3 | IDX_NO_HASH)
+                idx_aux.append(0)
             if size > self.max_entry_seen:
                 self.max_entry_seen = size
             if tombstone_size > self.max_entry_seen:
@@ -530,7 +614,7 @@ class Log:
                 tparts, _ = build_tombstone(table_id, key, dead.id, dead_version, timestamp)
                 entries.append((EntryType.OBJTOMB, tparts, tombstone_size, dead.id))
             parts, _ = build_object(table_id, key, value, version, timestamp)
-            entries.append((EntryType.OBJ, parts, size, -1))
+            entries.append((EntryType.OBJ, parts, size, key_hash))
             ref = self.append(entries)[-1]
         if dead is not None:
             dead.live_bytes -= dead_size
@@ -567,6 +651,7 @@ class Log:
                 raise
             if size > self.max_entry_seen:
                 self.max_entry_seen = size
+            head.index_entry(start, IDX_TOMB, dead.id)
             self._count_tombstone(head, dead.id, size)
             if self._replicating:
                 self._sink.append(head.id, start, arena[pos : pos + size])
@@ -598,18 +683,21 @@ class Log:
         """
         return self._tombs.get(target_id, _NO_HOLDERS)
 
-    def move_tombstone(self, target_id: int, from_id: int, to_id: int, size: int) -> None:
+    def move_tombstones(
+        self, target_id: int, from_id: int, to_id: int, size: int, count: int = 1
+    ) -> None:
+        """``count`` live tombstones (``size`` bytes) of objects in ``target_id`` moved."""
         if from_id == to_id:
             return
         holders = self._tombs[target_id]
         cell = holders[from_id]
         cell[0] -= size
-        cell[1] -= 1
+        cell[1] -= count
         if cell[1] == 0:
             del holders[from_id]
         new = holders.setdefault(to_id, [0, 0])
         new[0] += size
-        new[1] += 1
+        new[1] += count
 
     def _retire_tombstones_for(self, target_id: int) -> None:
         for holder_id, (size, count) in self._tombs.pop(target_id, {}).items():
@@ -643,16 +731,6 @@ class Log:
             self._survivor_count += 1
             self.sink.open(seg.id, seg.read(0, seg.length))
         return seg
-
-    def relocate(self, src: Segment, offset: int, entry_type: int, size: int, dst: Segment) -> int:
-        """Copy one live entry from ``src`` to ``dst`` (which has room), moving its accounting."""
-        new_offset = dst.append([src.read(offset, size)])
-        src.live_bytes -= size
-        dst.live_bytes += size
-        if entry_type == EntryType.OBJTOMB:
-            src.tombstone_bytes -= size
-            dst.tombstone_bytes += size
-        return dst.slot << OFFSET_BITS | new_offset
 
     def finish_compaction(self, old: Segment, new: Segment) -> int:
         """Swap the compacted copy in; return the seglets given back."""
@@ -698,9 +776,7 @@ class Log:
 
     def disk_utilization(self) -> float:
         """Percent of the on-backup log budget (full-size segments x expansion factor) in use."""
-        full = self.config.total_seglets / self.seglets_per_segment
-        limit = full * self.config.disk_expansion_factor
-        return 100.0 * self.segments_in_log / limit
+        return (len(self.segments) - self._survivor_count) * self._disk_percent_per_segment
 
     @property
     def segments_in_log(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import mmap
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -17,6 +18,14 @@ import numpy as np
 from services.kvstore.log._entries import Buffer
 
 PAGE_SIZE = mmap.PAGESIZE
+
+# The per-segment entry index (see :class:`Segment`): one word per entry, ``offset << 3 | flags``,
+# so the words of a segment ascend and can be bisected by offset.
+IDX_TOMB = 1  # a tombstone; its aux is the id of the segment that held its object
+IDX_NO_HASH = 2  # an object whose key hash was not given (its aux is 0): the cleaner hashes it
+IDX_OTHER = 4  # not a cleaner candidate (no aux)
+IDX_FLAGS = 7
+IDX_SHIFT = 3
 _NO_HUGE_PAGES = getattr(mmap, "MADV_NOHUGEPAGE", None)
 
 
@@ -39,6 +48,61 @@ def anonymous_zeros(nbytes: int, *, prefault: bool = False) -> np.ndarray:
     if prefault:
         array[::PAGE_SIZE] = 0
     return array
+
+
+def copy_runs(
+    arena: memoryview,
+    seglet_size: int,
+    bases: np.ndarray,
+    src_first: np.ndarray,
+    src_off: np.ndarray,
+    dst_first: np.ndarray,
+    dst_off: np.ndarray,
+    length: np.ndarray,
+) -> None:
+    """Copy many runs of bytes between segments: one slice copy per contiguous stretch.
+
+    Run ``r`` moves ``length[r]`` bytes from offset ``src_off[r]`` of one segment to offset
+    ``dst_off[r]`` of another; a segment is named by where its seglets' arena positions start
+    in ``bases`` (``src_first[r]``, ``dst_first[r]``). The runs are cut wherever either side
+    crosses a seglet boundary, with numpy, and stretches that stay contiguous on both sides
+    are merged, so the Python loop does nothing but slice copies.
+    """
+    size = seglet_size
+    count = len(length)
+    if count == 0:
+        return
+    stream = np.cumsum(length) - length  # where each run starts in the copied stream
+    total = int(stream[-1] + length[-1])
+    runs = np.arange(count)
+    cuts = [stream]
+    for off in (src_off, dst_off):
+        first = size - off % size  # run-relative position of its first seglet boundary
+        n = np.maximum(0, (length - first + size - 1) // size)
+        if n.any():
+            which = np.repeat(runs, n)
+            k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            cuts.append(stream[which] + first[which] + k * size)
+    at = stream
+    if len(cuts) > 1:  # sorted, duplicates dropped (np.unique would import numpy.ma)
+        at = np.sort(np.concatenate(cuts))
+        at = at[np.concatenate(([True], at[1:] != at[:-1]))]
+    n = np.diff(np.append(at, total))
+    run = np.searchsorted(stream, at, side="right") - 1
+    x = at - stream[run]
+    s = src_off[run] + x
+    d = dst_off[run] + x
+    spos = bases[src_first[run] + s // size] + s % size
+    dpos = bases[dst_first[run] + d // size] + d % size
+    if len(n) > 1:
+        joined = (spos[1:] == spos[:-1] + n[:-1]) & (dpos[1:] == dpos[:-1] + n[:-1])
+        if joined.any():
+            keep = np.flatnonzero(np.concatenate(([True], ~joined)))
+            n = np.add.reduceat(n, keep)
+            spos = spos[keep]
+            dpos = dpos[keep]
+    for a, b, c in zip(spos.tolist(), dpos.tolist(), n.tolist(), strict=True):
+        arena[b : b + c] = arena[a : a + c]
 
 
 class Pool(enum.IntEnum):
@@ -94,6 +158,10 @@ class SegletAllocator:
     def free_count(self, pool: Pool) -> int:
         return len(self._free[pool])
 
+    def is_free(self, seglet: int) -> bool:
+        """Whether ``seglet`` sits in a free pool (a linear scan: for checks, not hot paths)."""
+        return any(seglet in free for free in self._free.values())
+
     def total_free(self) -> int:
         return sum(len(v) for v in self._free.values())
 
@@ -134,6 +202,12 @@ class Segment:
     ``live_bytes`` counts live objects and live tombstones in this segment; ``capacity`` is the
     logical size (the full segment size: compaction shrinks memory, not the segment on backups).
     ``limit`` is where appends must stop: the capacity or the end of the seglets held.
+
+    ``idx_words`` and ``idx_aux`` index every entry after the segment's metadata, in order:
+    ``offset << 3 | flags`` and the object's key hash (or a tombstone's target segment id).
+    Entries are back to back, so an entry ends where the next starts (the last at ``length``).
+    The appenders write them; the cleaner reads them as numpy arrays instead of parsing
+    entries one by one. They cost 12 bytes an entry until the segment is cleaned.
     """
 
     __slots__ = (
@@ -142,6 +216,8 @@ class Segment:
         "capacity",
         "created",
         "id",
+        "idx_aux",
+        "idx_words",
         "length",
         "limit",
         "live_bytes",
@@ -176,12 +252,19 @@ class Segment:
         self.tombstone_bytes = 0
         self.created = created
         self.state = state
+        self.idx_words: array[int] = array("I")
+        self.idx_aux: array[int] = array("Q")
 
     def __repr__(self) -> str:
         return (
             f"Segment(id={self.id}, slot={self.slot}, state={self.state.value}, "
             f"length={self.length}, live={self.live_bytes}, seglets={len(self.seglets)})"
         )
+
+    @property
+    def bases(self) -> list[int]:
+        """Arena positions of the segment's seglets, in order (read-only for callers)."""
+        return self._bases
 
     @property
     def allocated_bytes(self) -> int:
@@ -211,7 +294,20 @@ class Segment:
         self.seglets = []
         self._bases = []
         self.limit = 0
+        self.idx_words = array("I")
+        self.idx_aux = array("Q")
         return seglets
+
+    def index_entry(self, offset: int, flags: int, aux: int) -> None:
+        """Record the entry just appended at ``offset`` (appenders call this once per entry)."""
+        self.idx_words.append(offset << IDX_SHIFT | flags)
+        self.idx_aux.append(aux)
+
+    def positions(self, offsets: np.ndarray) -> np.ndarray:
+        """Arena positions of the segment offsets ``offsets`` (int64 numpy arrays)."""
+        bases = np.array(self._bases, dtype=np.int64)
+        out: np.ndarray = bases[offsets // self.seglet_size] + offsets % self.seglet_size
+        return out
 
     def claim(self, n: int) -> int:
         """Take the next ``n`` bytes if they fit and lie in one seglet: their arena position.

@@ -12,6 +12,7 @@ import pytest
 from services.kvstore import ObjectDoesntExist, ObjectManager, Retry, StorageConfig, key_hash
 from services.kvstore.log import (
     CleanerTask,
+    HashTable,
     Log,
     LogCleaner,
     LogDigestEntry,
@@ -23,14 +24,13 @@ from services.kvstore.log import (
     compaction_score,
     iter_entries_untrusted,
     object_entry_size,
+    tombstone_entry_size,
 )
 from services.kvstore.log._cleaner import (
-    COST_CANDIDATE,
+    COST_BATCH,
     COST_COMMIT_SEGMENT,
-    COST_MERGE_RUN,
+    COST_ENTRY,
     COST_SCAN_ENTRY,
-    COST_SORT_KEY,
-    RUN_CHUNK,
 )
 from services.kvstore.log._entries import Buffer
 
@@ -356,20 +356,19 @@ class JitterClock:
 
 
 class CountingHandlers:
-    """The object manager's cleaner handlers, counting the calls each step makes."""
+    """The object manager's cleaner handlers, counting the per-entry fallback calls."""
 
     def __init__(self, om: ObjectManager) -> None:
         self._om = om
         self.checks = 0
-        self.moves = 0
+
+    @property
+    def hash_table(self) -> HashTable:
+        return self._om.hash_table
 
     def object_hash_if_live(self, ref: int) -> int | None:
         self.checks += 1
         return self._om.object_hash_if_live(ref)
-
-    def object_relocated(self, key_hash: int, old_ref: int, new_ref: int) -> bool:
-        self.moves += 1
-        return self._om.object_relocated(key_hash, old_ref, new_ref)
 
 
 class SurvivorBytesSink(RecordingSink):
@@ -404,11 +403,11 @@ BOUNDED = StorageConfig(
 
 @pytest.mark.parametrize("compaction", [True, False])
 def test_every_step_stays_within_its_work_budget(compaction: bool) -> None:
-    """Scanning, sorting, merging, copying and committing all advance in bounded slices.
+    """Scanning, copying and committing all advance in bounded slices.
 
     The time budget is generous here, so the work units (``cleaner_bytes_per_step``) bound each
-    step; the handler calls and the survivor bytes a step causes are counted independently of
-    the cleaner's own meter.
+    step; the entries relocated and the survivor bytes a step causes are counted independently
+    of the cleaner's own meter.
     """
     config = attrs.evolve(BOUNDED, compaction_enabled=compaction)
     sink = SurvivorBytesSink()
@@ -421,13 +420,12 @@ def test_every_step_stays_within_its_work_budget(compaction: bool) -> None:
     keys = [b"k%05d" % i for i in range(4500)]  # ~0.6 MiB live of a ~1.5 MiB pool
     model: dict[bytes, bytes] = {}
     entry = object_entry_size(6, 100)
-    # Largest single unit of work a step may end with: a scanned entry and the chunk sort it
-    # completes, one copied entry, setting up the merge of the (here few) sorted runs, or (in
-    # the step that finishes a pass) a commit, which touches every segment.
+    # Largest single unit of work a step may end with: a batch of one entry, scanning one
+    # source of a cleaning pass (entries are at least 30 bytes), or (in the step that
+    # finishes a pass) a commit, which touches every segment.
     unit = max(
-        COST_SCAN_ENTRY + entry // 8 + RUN_CHUNK * COST_SORT_KEY,
-        COST_CANDIDATE + entry,
-        COST_MERGE_RUN * 8,
+        COST_BATCH + COST_ENTRY + entry + entry // 8,
+        2 * COST_BATCH + COST_SCAN_ENTRY * (config.segment_size // 30),
     )
     commit = COST_COMMIT_SEGMENT * (2 * config.max_live_segments_per_pass + 2) + 8 * (
         config.total_bytes // config.segment_size
@@ -445,26 +443,17 @@ def test_every_step_stays_within_its_work_budget(compaction: bool) -> None:
         model[key] = value
         if not cleaner.wants_to_run():
             continue
-        before = (handlers.checks, sink.survivor_bytes, cleaner.stats())
+        before = (sink.survivor_bytes, cleaner.stats())
         cleaner.step(10.0, 1e9)
         after = cleaner.stats()
         steps += 1
         busy_steps += cleaner.busy
-        finished = after.cleanings + after.compactions > before[2].cleanings + before[2].compactions
+        finished = after.cleanings + after.compactions > before[1].cleanings + before[1].compactions
         assert cleaner.last_step_work <= STEP_UNITS + unit + (commit if finished else 0)
-        import sys
-
-        print(
-            "W",
-            cleaner.last_step_work,
-            STEP_UNITS + unit,
-            finished,
-            handlers.checks - before[0],
-            sink.survivor_bytes - before[1],
-            file=sys.stderr,
-        )
-        assert handlers.checks - before[0] <= STEP_UNITS // COST_CANDIDATE + 1
-        assert sink.survivor_bytes - before[1] <= STEP_UNITS + entry
+        moved = after.entries_relocated - before[1].entries_relocated
+        assert moved <= STEP_UNITS // (COST_ENTRY + tombstone_entry_size(6)) + 1
+        assert sink.survivor_bytes - before[0] <= STEP_UNITS + entry
+    assert handlers.checks == 0  # the write paths index every object with its key hash
     stats = cleaner.stats()
     assert stats.cleanings > 0
     assert (stats.compactions > 0) is compaction
@@ -507,16 +496,16 @@ class CountingTimer:
 
 def test_the_time_budget_alone_ends_a_step() -> None:
     """With unlimited work units a step ends on time: the cleaner reads its timer after each
-    unit of work, so a budget of N ticks allows about N units."""
-    config = attrs.evolve(BOUNDED, cleaner_bytes_per_step=1 << 40)
+    unit of work (a batch, a scanned source), so a budget of N ticks allows about N units."""
+    config = attrs.evolve(BOUNDED, cleaner_bytes_per_step=1 << 40, compaction_enabled=False)
     m = ObjectManager(config, clock=JitterClock(7))
     handlers = CountingHandlers(m)
     timer = CountingTimer()
     cleaner = LogCleaner(m.log, handlers, config, timer=timer)
     m.add_tablet(1)
     rng = random.Random(3)
-    ticks = 20
-    steps = 0
+    ticks = 2
+    steps = cut = 0
     for i in range(12_000):
         key = b"k%05d" % (i if i < 4500 else rng.randrange(4500))
         for _ in range(500):
@@ -526,12 +515,13 @@ def test_the_time_budget_alone_ends_a_step() -> None:
             except Retry:
                 cleaner.step(ticks * 1e-6, 1e9)
         if cleaner.wants_to_run():
-            reads, checks = timer.reads, handlers.checks
+            reads = timer.reads
             cleaner.step(ticks * 1e-6, 1e9)
             steps += 1
+            cut += cleaner.busy
             assert timer.reads - reads <= ticks + 4  # the deadline, then checks until it passes
-            assert handlers.checks - checks <= ticks + 1
-    assert steps > 100
+    assert steps > 5
+    assert cut > 0  # some step ended on time with its pass unfinished
     assert cleaner.stats().bytes_relocated > 0
 
 
@@ -579,3 +569,58 @@ def test_cleaner_never_wedges_with_memory_full_of_small_overwritten_objects(seed
     assert steps > 0  # the workload did fill memory
     for key_id in rng.sample(range(keys), 50):
         assert om.read(1, key_id.to_bytes(8, "big"))[0] == value
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_cleaner_keeps_up_at_90_percent_of_total_memory_on_a_small_log(seed: int) -> None:
+    """Regression: 1 KB objects at 90% of *total* memory (reserves included), a 4 MiB log
+    with a 2-segment survivor reserve (``rpcfast-perf cleaner --quick`` at 90%).
+
+    Writes got Retry forever: survivors of a pass had to fit in the free seglets all at once,
+    and no pair of dense segments freed a whole one, nor did a head find a whole free segment
+    to roll over into. Sources are now emptied and freed one after the other, and heads grow
+    from the seglets the cleaner frees a few at a time.
+    """
+    config = StorageConfig(
+        total_bytes=4 << 20,
+        segment_size=64 << 10,
+        seglet_size=2 << 10,
+        cleaner_reserve_segments=2,
+        write_limit=0.98,
+        hash_table_bytes=64 << 10,
+    )
+    now = [0.0]
+    om = ObjectManager(config, clock=lambda: now[0])
+    om.add_tablet(1)
+    value = b"v" * 992
+    keys = int(0.90 * config.total_bytes / object_entry_size(8, len(value)))
+    rng = random.Random(seed)
+    versions: dict[int, int] = {}
+    refused = 0
+
+    def write(key_id: int) -> None:
+        nonlocal refused
+        for _ in range(5000):
+            try:
+                versions[key_id] = om.write(1, key_id.to_bytes(8, "big"), value)
+            except Retry:
+                refused += 1
+                assert om.cleaner.step(1.0, now[0]), "writes refused and the cleaner is idle"
+            else:
+                now[0] += 0.001
+                if om.cleaner.wants_to_run():
+                    om.cleaner.step(1.0, now[0])
+                return
+        raise AssertionError(f"write still refused after 5000 cleaner steps: {om.stats()}")
+
+    for key_id in range(keys):
+        write(key_id)
+    for _ in range(keys // 4):
+        write(rng.randrange(keys))
+    stats = om.stats()
+    assert stats.objects == keys
+    assert stats.live_bytes == keys * object_entry_size(8, len(value))
+    assert stats.cleaner.segments_cleaned > 0 and stats.cleaner.aborted_passes == 0
+    for key_id in rng.sample(range(keys), 200):
+        got, version = om.read(1, key_id.to_bytes(8, "big"))
+        assert bytes(got) == value and version == versions[key_id]

@@ -144,3 +144,29 @@ class HashTableModel(RuleBasedStateMachine):
 
 HashTableModel.TestCase.settings = settings(max_examples=40, stateful_step_count=60, deadline=None)
 test_hash_table_model = HashTableModel.TestCase
+
+
+def test_find_slots_and_set_slots_agree_with_the_one_by_one_paths() -> None:
+    """The cleaner's batch probe finds exactly the live (hash, ref) pairs, in main buckets and
+    overflow chains alike, and its batch update repoints exactly those entries."""
+    import numpy as np
+
+    t = HashTable(4)  # tiny: most entries end up in overflow chains
+    rng = random.Random(5)
+    live = {_h(rng.randrange(1 << 40), rng.randrange(1 << 16)): r for r in range(1, 200)}
+    for h, r in live.items():
+        t.insert(h, r)
+    dead = [(_h(rng.randrange(1 << 40), rng.randrange(1 << 16)), r) for r in range(500, 540)]
+    pairs = list(live.items()) + dead + [(h, r + 1) for h, r in list(live.items())[:20]]
+    hashes = np.array([h for h, _ in pairs], dtype=np.uint64)
+    refs = np.array([r for _, r in pairs], dtype=np.uint64)
+    slots = t.find_slots(hashes, refs)
+    assert [int(s) >= 0 for s in slots] == [i < len(live) for i in range(len(pairs))]
+    assert [int(s) for s in slots[: len(live)]] == [t.slot_of(h, r) for h, r in live.items()]
+    assert t.find_slots(hashes[:0], refs[:0]).shape == (0,)
+    found = slots >= 0
+    t.set_slots(slots[found], hashes[found], refs[found] + np.uint64(10_000))
+    for h, r in live.items():
+        assert t.lookup(h) == [r + 10_000] or r + 10_000 in t.lookup(h)
+        assert not t.contains(h, r)
+    assert t.count == len(live)

@@ -10,14 +10,19 @@ from services.kvstore.log import (
     LogDigestEntry,
     LogFull,
     ObjectEntry,
+    Pool,
     SafeVersionEntry,
+    Segment,
     SegmentHeaderEntry,
     SegmentState,
     StorageConfig,
     iter_entries_untrusted,
+    object_entry_size,
+    tombstone_entry_size,
 )
 from services.kvstore.log._entries import Buffer, build_object, build_tombstone
 from services.kvstore.log._log import AppendEntry
+from services.kvstore.log._segments import IDX_NO_HASH, IDX_SHIFT, IDX_TOMB
 
 SMALL = StorageConfig(
     total_bytes=64 * 4096, segment_size=8 * 4096, seglet_size=4096, cleaner_reserve_segments=1
@@ -206,3 +211,55 @@ def test_default_config_matches_ramcloud() -> None:
     assert (c.segment_size, c.seglet_size, c.seglets_per_segment) == (8 << 20, 64 << 10, 128)
     assert c.cleaner_segments == 8  # 64 full segments / 8, under RAMCloud's cap of 15
     assert StorageConfig(total_bytes=4 << 30).cleaner_segments == 15
+
+
+def _index(seg: Segment) -> list[tuple[int, int, int]]:
+    words = list(seg.idx_words)
+    aux = list(seg.idx_aux)
+    return [(w >> IDX_SHIFT, w & 7, x) for w, x in zip(words, aux, strict=True)]
+
+
+def test_every_appended_entry_is_indexed_in_order_with_its_aux() -> None:
+    """The cleaner reads entries from the index only: it must list every entry after the
+    metadata, back to back to the end, with the key hash or the tombstone's target."""
+    log = Log(SMALL)
+    one, two = object_entry_size(1, 50), object_entry_size(1, 60)
+    ref = log.append_object(1, b"k", b"v" * 50, 1, 0, one, key_hash=1234)
+    tomb = tombstone_entry_size(1)
+    ref2 = log.append_object(1, b"k", b"w" * 60, 2, 0, two, ref, 1, one, tomb, key_hash=1234)
+    (ref3,) = log.append([_obj(b"z", b"q" * 3000)])  # the generic path, hash unknown
+    head = log.head
+    index = _index(head)
+    offsets = [o for o, _f, _x in index]
+    parsed = [o for o, _t, _n in head.entries(offsets[0])]
+    assert offsets == parsed
+    assert offsets[0] > 0 and (head.slot << 24 | offsets[0]) == ref
+    assert index[1] == (offsets[1], IDX_TOMB, head.id)
+    assert index[2] == (ref2 & 0xFFFFFF, 0, 1234)
+    assert index[3] == (ref3 & 0xFFFFFF, IDX_NO_HASH, 0)
+
+
+def test_a_head_grows_from_the_seglets_freed_a_few_at_a_time() -> None:
+    """With less than a segment free the log still rolls over, into a head that starts with
+    what is free and takes seglets as they come back (near full memory the cleaner frees a
+    few at a time, never a whole segment at once)."""
+    log = Log(SMALL)
+    pool = log.allocator
+    hog = pool.alloc(Pool.DEFAULT, pool.free_count(Pool.DEFAULT) - 3)  # held elsewhere
+    assert hog is not None
+    first = log.head.id
+    refs: list[int] = []
+    for _ in range(20):  # bounded: the old head fills, a short head opens and fills too
+        try:
+            refs += log.append([_obj(b"k", b"x" * 3000)])
+        except LogFull:
+            break
+    head = log.head
+    assert head.id != first and len(head.seglets) < log.seglets_per_segment
+    assert pool.free_count(Pool.DEFAULT) == 0
+    assert any(r >> 24 == head.slot for r in refs)  # the short head took entries
+    pool.free(hog[:2])
+    before = len(head.seglets)
+    (ref,) = log.append([_obj(b"k", b"y" * 3000)])
+    assert log.head is head and len(head.seglets) > before  # grown, not rolled over
+    assert ref >> 24 == head.slot and log.entry_at(ref)[3] > 3000

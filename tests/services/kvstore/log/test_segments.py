@@ -115,3 +115,55 @@ def test_anonymous_arrays_start_zeroed_and_writable() -> None:
         assert len(arr) == 3 * PAGE_SIZE + 5 and not arr.any()
         arr[-1] = 7
         assert arr[-1] == 7
+
+
+def test_copy_runs_matches_a_byte_by_byte_copy() -> None:
+    """Many runs between scattered segments, cut at every seglet boundary on either side."""
+    import random
+
+    import numpy as np
+
+    from services.kvstore.log._segments import copy_runs
+
+    rng = random.Random(4)
+    size = 64
+    a = SegletAllocator(total_seglets=64, seglet_size=size, emergency_seglets=2, cleaner_seglets=2)
+    order = a.alloc(Pool.DEFAULT, 48)
+    assert order is not None
+    rng.shuffle(order)
+    segs = [order[i : i + 8] for i in range(0, 48, 8)]  # six segments of 8 scattered seglets
+    arena = a.view
+    arena[:] = bytes(rng.randrange(256) for _ in range(len(arena)))
+    expect = bytearray(arena)
+    bases_lists = [[s * size for s in seg] for seg in segs]
+    bases = np.array([b for bl in bases_lists for b in bl], dtype=np.int64)
+    runs = []
+    dst_cursor = {3: 5, 4: 0, 5: 100}
+    for _ in range(12):
+        src = rng.randrange(3)
+        dst = rng.choice([3, 4, 5])
+        n = rng.randrange(1, 90)
+        if dst_cursor[dst] + n > 8 * size:
+            continue
+        so = rng.randrange(8 * size - n)
+        runs.append((src, so, dst, dst_cursor[dst], n))
+        dst_cursor[dst] += n
+
+    def pos(seg: int, off: int) -> int:
+        return bases_lists[seg][off // size] + off % size
+
+    for src, so, dst, do, n in runs:
+        for i in range(n):
+            expect[pos(dst, do + i)] = expect[pos(src, so + i)]
+    col = list(zip(*runs, strict=True))
+    copy_runs(
+        arena,
+        size,
+        bases,
+        np.array(col[0]) * 8,
+        np.array(col[1]),
+        np.array(col[2]) * 8,
+        np.array(col[3]),
+        np.array(col[4]),
+    )
+    assert bytes(arena) == bytes(expect)
