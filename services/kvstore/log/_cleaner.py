@@ -50,8 +50,10 @@ from services.kvstore.log._entries import SEGMENT_HEADER_ENTRY_SIZE
 from services.kvstore.log._hashtable import HashTable
 from services.kvstore.log._log import OFFSET_BITS, Log, StorageConfig
 from services.kvstore.log._segments import (
+    IDX_AUX_MASK,
     IDX_FLAGS,
     IDX_NO_HASH,
+    IDX_OFFSET_SHIFT,
     IDX_OTHER,
     IDX_SHIFT,
     IDX_TOMB,
@@ -176,6 +178,20 @@ class _Budget:
         return self.units <= 0 or self.timer() >= self.deadline
 
 
+_OFFSET_SHIFT = np.uint64(IDX_OFFSET_SHIFT)
+_SHIFT = np.uint64(IDX_SHIFT)
+_FLAGS = np.uint64(IDX_FLAGS)
+_AUX_MASK = np.uint64(IDX_AUX_MASK)
+
+
+def _index_words(off: np.ndarray, aux: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Entry-index words (see ``IDX_*``) for entries at offsets ``off`` (int64)."""
+    out: np.ndarray = (
+        (off.astype(np.uint64) << _OFFSET_SHIFT) | (aux << _SHIFT) | flags.astype(np.uint64)
+    )
+    return out
+
+
 class _Entries:
     """The indexed entries of a pass's sources, as parallel numpy arrays (one row an entry).
 
@@ -184,12 +200,10 @@ class _Entries:
     """
 
     def __init__(self, sources: list[Segment]) -> None:
-        counts = [len(seg.idx_words) for seg in sources]
+        counts = [len(seg.idx) for seg in sources]
         total = sum(counts)
-        words = np.frombuffer(
-            b"".join([seg.idx_words.tobytes() for seg in sources]), dtype=np.uint32
-        ).astype(np.int64)
-        off = words >> IDX_SHIFT
+        words = np.frombuffer(b"".join([seg.idx.tobytes() for seg in sources]), dtype=np.uint64)
+        off = (words >> _OFFSET_SHIFT).astype(np.int64)
         size = np.empty(total, dtype=np.int64)
         size[:-1] = off[1:] - off[:-1]
         ends = np.cumsum(counts)
@@ -198,10 +212,8 @@ class _Entries:
         size[last] = [seg.length for seg, c in zip(sources, counts, strict=True) if c] - off[last]
         self.off = off
         self.size = size
-        self.flags = words & IDX_FLAGS
-        self.aux = np.frombuffer(
-            b"".join([seg.idx_aux.tobytes() for seg in sources]), dtype=np.uint64
-        ).copy()
+        self.flags = (words & _FLAGS).astype(np.int64)
+        self.aux = (words >> _SHIFT) & _AUX_MASK
         self.src = np.repeat(np.arange(len(sources), dtype=np.int64), counts)
         self.count = total
         self.ends = ends.tolist()  # entry number just past each source's entries
@@ -446,7 +458,7 @@ class LogCleaner:
             if h is None:
                 out[i] = -2
                 continue
-            e.aux[g] = h
+            e.aux[g] = h & IDX_AUX_MASK
             e.flags[g] &= ~IDX_NO_HASH
             out[i] = table.slot_of(h, ref)
         tombs = np.flatnonzero((flags & IDX_TOMB) != 0)
@@ -501,10 +513,8 @@ class LogCleaner:
         objs = slots >= 0
         if objs.any():
             new_refs = np.uint64(dst.slot << OFFSET_BITS) | new_off[objs].astype(np.uint64)
-            self._handlers.hash_table.set_slots(slots[objs], aux[objs], new_refs)
-        words = (new_off << IDX_SHIFT) | flags
-        dst.idx_words.frombytes(words.astype(np.uint32).tobytes())
-        dst.idx_aux.frombytes(aux.tobytes())
+            self._handlers.hash_table.set_slots(slots[objs], new_refs)
+        dst.idx.frombytes(_index_words(new_off, aux, flags).tobytes())
         # Accounting: every entry here was live in its source.
         tomb = (flags & IDX_TOMB) != 0
         dst.live_bytes += total
@@ -701,16 +711,14 @@ class LogCleaner:
         objs = slots >= 0
         target_bits = np.array([t.slot << OFFSET_BITS for t in targets], dtype=np.uint64)
         new_refs = target_bits[src[objs]] | new_off[objs].astype(np.uint64)
-        self._handlers.hash_table.set_slots(slots[objs], aux[objs], new_refs)
-        words = ((new_off << IDX_SHIFT) | flags).astype(np.uint32).tobytes()
-        auxb = aux.tobytes()
+        self._handlers.hash_table.set_slots(slots[objs], new_refs)
+        words = _index_words(new_off, aux, flags).tobytes()
         tomb_bytes = np.bincount(src, weights=size * ((flags & IDX_TOMB) != 0))
         for k, g in enumerate(group_src):
             lo = firsts[k]
             hi = firsts[k + 1] if k + 1 < len(firsts) else n
             t = targets[g]
-            t.idx_words.frombytes(words[4 * lo : 4 * hi])
-            t.idx_aux.frombytes(auxb[8 * lo : 8 * hi])
+            t.idx.frombytes(words[8 * lo : 8 * hi])
             moved = int(live_bytes[g])
             tombs = int(tomb_bytes[g])
             t.length += moved

@@ -21,18 +21,21 @@ import struct
 
 import numpy as np
 
-from services.kvstore.log._segments import anonymous_zeros
+from services.kvstore.log._segments import IDX_AUX_BITS, anonymous_zeros
 
 ENTRIES_PER_BUCKET = 8
 BUCKET_BYTES = 64
 REF_BITS = 47
 REF_MASK = (1 << REF_BITS) - 1
 CHAIN_BIT = 1 << REF_BITS
-_HASH_MASK = (1 << 48) - 1
 _BUCKET = struct.Struct("<8Q")
 _LAST = ENTRIES_PER_BUCKET - 1
 _TAG_BITS = np.uint64(0xFFFF << 48)
 _CHAIN = np.uint64(CHAIN_BIT)
+# An entry's reference field with its chain bit: equal to a reference only in a live object's
+# entry (references are nonzero and have no chain bit), whatever its secondary hash.
+_REF_FIELD = CHAIN_BIT | REF_MASK
+_REF_FIELD_NP = np.uint64(_REF_FIELD)
 
 
 class HashTable:
@@ -41,8 +44,10 @@ class HashTable:
     def __init__(self, num_buckets: int, *, prefault: bool = False) -> None:
         if num_buckets < 1 or num_buckets & (num_buckets - 1):
             raise ValueError("num_buckets must be a power of two")
-        if num_buckets > _HASH_MASK + 1:
-            raise ValueError("too many buckets for a 48-bit bucket index")
+        if num_buckets > 1 << IDX_AUX_BITS:
+            # The cleaner finds an object's entry from the low key-hash bits its segment's
+            # entry index keeps (IDX_AUX_BITS of them), so those must name the bucket.
+            raise ValueError(f"too many buckets for a {IDX_AUX_BITS}-bit bucket index")
         self.num_buckets = num_buckets
         self._mask = num_buckets - 1
         # Small pages, like the log arena: buckets are touched at random, and a huge-page fault
@@ -212,15 +217,18 @@ class HashTable:
         return True
 
     def slot_of(self, key_hash: int, ref: int) -> int:
-        """The slot (as :meth:`candidates` numbers them) holding ``ref``, or -1."""
-        want = key_hash >> 48 << 48 | ref
+        """The slot (as :meth:`candidates` numbers them) holding ``ref``, or -1.
+
+        Only the bucket bits of ``key_hash`` are used: a reference is unique in the table.
+        """
         mv = self._main_mv
         bucket = key_hash & self._mask
         first = bucket * ENTRIES_PER_BUCKET
         while True:
             row = _BUCKET.unpack_from(mv, first * 8)
-            if want in row:
-                return bucket * ENTRIES_PER_BUCKET + row.index(want)
+            for i, e in enumerate(row):
+                if e & _REF_FIELD == ref:
+                    return bucket * ENTRIES_PER_BUCKET + i
             last = row[_LAST]
             if not last & CHAIN_BIT:
                 return -1
@@ -230,17 +238,17 @@ class HashTable:
     def find_slots(self, hashes: np.ndarray, refs: np.ndarray) -> np.ndarray:
         """Slots of many ``(key hash, reference)`` entries at once (int64; -1 where absent).
 
-        A reference is unique, so an entry is live iff its exact value is in its bucket chain.
+        A reference is unique, so an entry is live iff its reference is in its bucket chain;
+        only the hashes' bucket bits are used (the cleaner's entry index keeps no more).
         Main buckets are searched with a few numpy passes; only entries missing from a main
         bucket that chains on are looked up one by one.
         """
         n = len(hashes)
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        want = (hashes & _TAG_BITS) | refs
         bucket = (hashes & np.uint64(self._mask)).astype(np.int64)
         rows = self._main.reshape(-1, ENTRIES_PER_BUCKET)[bucket]
-        eq = rows == want[:, None]
+        eq = (rows & _REF_FIELD_NP) == refs[:, None]
         hit = eq.any(axis=1)
         slots = np.where(hit, bucket * ENTRIES_PER_BUCKET + eq.argmax(axis=1), -1)
         chained = np.flatnonzero(~hit & ((rows[:, _LAST] & _CHAIN) != 0))
@@ -248,16 +256,18 @@ class HashTable:
             slots[i] = self.slot_of(int(hashes[i]), int(refs[i]))
         return slots
 
-    def set_slots(self, slots: np.ndarray, hashes: np.ndarray, refs: np.ndarray) -> None:
-        """Point the entries at ``slots`` (from :meth:`find_slots`) at ``refs``, in one pass."""
-        values = (hashes & _TAG_BITS) | refs
+    def set_slots(self, slots: np.ndarray, refs: np.ndarray) -> None:
+        """Point the entries at ``slots`` (from :meth:`find_slots`) at ``refs``, in one pass;
+        each keeps its secondary hash."""
         main = slots < self._main_entries
         if main.all():
-            self._main[slots] = values
+            self._main[slots] = (self._main[slots] & _TAG_BITS) | refs
             return
-        self._main[slots[main]] = values[main]
+        at = slots[main]
+        self._main[at] = (self._main[at] & _TAG_BITS) | refs[main]
         for i in np.flatnonzero(~main).tolist():
-            self._ovf[int(slots[i]) - self._main_entries] = values[i]
+            j = int(slots[i]) - self._main_entries
+            self._ovf[j] = (self._ovf[j] & _TAG_BITS) | refs[i]
 
     def bucket_refs(self, bucket: int) -> list[int]:
         """Every reference in main bucket ``bucket`` and its overflow chain."""

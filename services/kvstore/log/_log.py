@@ -38,8 +38,11 @@ from services.kvstore.log._entries import (
     write_tombstone_into,
 )
 from services.kvstore.log._segments import (
+    IDX_AUX_MASK,
     IDX_NO_HASH,
+    IDX_OFFSET_SHIFT,
     IDX_OTHER,
+    IDX_SHIFT,
     IDX_TOMB,
     Pool,
     SegletAllocator,
@@ -372,6 +375,7 @@ class Log:
             self.release(old)
         else:
             old.state = SegmentState.CLOSED
+            old.seal_index()
             self.sink.close(old.id)
             self.allocator.free(old.trim())
         if new.state is SegmentState.EMERGENCY_HEAD:
@@ -570,12 +574,10 @@ class Log:
             except BaseException:
                 head.length = start  # bad arguments (say, a key that is no buffer): append nothing
                 raise
-            idx_words = head.idx_words
-            idx_aux = head.idx_aux
+            idx = head.idx
             if dead is not None:
                 dead_id = dead.id
-                idx_words.append(start << 3 | IDX_TOMB)
-                idx_aux.append(dead_id)
+                idx.append(start << IDX_OFFSET_SHIFT | dead_id << IDX_SHIFT | IDX_TOMB)
                 # _count_tombstone inlined (every overwrite comes here). The dead object was
                 # live, so its segment is in the log and the tombstone starts out live.
                 head.live_bytes += tombstone_size
@@ -593,11 +595,12 @@ class Log:
                         cell[0] += tombstone_size
                         cell[1] += 1
             if key_hash >= 0:
-                idx_words.append((start + tombstone_size) << 3)
-                idx_aux.append(key_hash)
+                idx.append(
+                    (start + tombstone_size) << IDX_OFFSET_SHIFT
+                    | (key_hash & IDX_AUX_MASK) << IDX_SHIFT
+                )
             else:
-                idx_words.append((start + tombstone_size) << 3 | IDX_NO_HASH)
-                idx_aux.append(0)
+                idx.append((start + tombstone_size) << IDX_OFFSET_SHIFT | IDX_NO_HASH)
             if size > self.max_entry_seen:
                 self.max_entry_seen = size
             if tombstone_size > self.max_entry_seen:
@@ -737,6 +740,7 @@ class Log:
         spare = new.trim()
         self.allocator.free(spare)
         new.state = SegmentState.CLOSED
+        new.seal_index()
         new.created = old.created
         self.segments[new.id] = new
         before = len(old.seglets)
@@ -747,6 +751,7 @@ class Log:
         """Survivors join the log, the cleaned segments leave it, a new digest records both."""
         for s in survivors:
             s.state = SegmentState.CLOSED
+            s.seal_index()
         self._survivor_count -= len(survivors)
         for c in cleaned:
             del self.segments[c.id]

@@ -19,13 +19,18 @@ from services.kvstore.log._entries import Buffer
 
 PAGE_SIZE = mmap.PAGESIZE
 
-# The per-segment entry index (see :class:`Segment`): one word per entry, ``offset << 3 | flags``,
-# so the words of a segment ascend and can be bisected by offset.
+# The per-segment entry index (see :class:`Segment`): one 64-bit word per entry,
+# ``offset << IDX_OFFSET_SHIFT | aux << IDX_SHIFT | flags``, so the words of a segment ascend.
+# An object's aux is the low IDX_AUX_BITS of its key hash: enough to name its hash-table bucket
+# (the table finds an entry by bucket and reference, the secondary hash is not needed).
 IDX_TOMB = 1  # a tombstone; its aux is the id of the segment that held its object
 IDX_NO_HASH = 2  # an object whose key hash was not given (its aux is 0): the cleaner hashes it
 IDX_OTHER = 4  # not a cleaner candidate (no aux)
 IDX_FLAGS = 7
 IDX_SHIFT = 3
+IDX_AUX_BITS = 37
+IDX_AUX_MASK = (1 << IDX_AUX_BITS) - 1
+IDX_OFFSET_SHIFT = IDX_SHIFT + IDX_AUX_BITS  # 40: 24 bits of segment offset above
 _NO_HUGE_PAGES = getattr(mmap, "MADV_NOHUGEPAGE", None)
 
 
@@ -203,11 +208,12 @@ class Segment:
     logical size (the full segment size: compaction shrinks memory, not the segment on backups).
     ``limit`` is where appends must stop: the capacity or the end of the seglets held.
 
-    ``idx_words`` and ``idx_aux`` index every entry after the segment's metadata, in order:
-    ``offset << 3 | flags`` and the object's key hash (or a tombstone's target segment id).
+    ``idx`` indexes every entry after the segment's metadata, in order, one packed word each
+    (offset, the low key-hash bits or a tombstone's target segment id, flags: see ``IDX_*``).
     Entries are back to back, so an entry ends where the next starts (the last at ``length``).
-    The appenders write them; the cleaner reads them as numpy arrays instead of parsing
-    entries one by one. They cost 12 bytes an entry until the segment is cleaned.
+    The appenders write it; the cleaner reads it as a numpy array instead of parsing entries
+    one by one. It costs 8 bytes an entry until the segment is cleaned; :meth:`seal_index`
+    drops the growth slack once the segment stops growing.
     """
 
     __slots__ = (
@@ -216,8 +222,7 @@ class Segment:
         "capacity",
         "created",
         "id",
-        "idx_aux",
-        "idx_words",
+        "idx",
         "length",
         "limit",
         "live_bytes",
@@ -252,8 +257,7 @@ class Segment:
         self.tombstone_bytes = 0
         self.created = created
         self.state = state
-        self.idx_words: array[int] = array("I")
-        self.idx_aux: array[int] = array("Q")
+        self.idx: array[int] = array("Q")
 
     def __repr__(self) -> str:
         return (
@@ -294,14 +298,17 @@ class Segment:
         self.seglets = []
         self._bases = []
         self.limit = 0
-        self.idx_words = array("I")
-        self.idx_aux = array("Q")
+        self.idx = array("Q")
         return seglets
 
     def index_entry(self, offset: int, flags: int, aux: int) -> None:
         """Record the entry just appended at ``offset`` (appenders call this once per entry)."""
-        self.idx_words.append(offset << IDX_SHIFT | flags)
-        self.idx_aux.append(aux)
+        self.idx.append(offset << IDX_OFFSET_SHIFT | (aux & IDX_AUX_MASK) << IDX_SHIFT | flags)
+
+    def seal_index(self) -> None:
+        """Copy the index to an exact-size array: a closed segment's index no longer grows,
+        and a growable one holds up to 1/16 spare (more while the heap is fragmented)."""
+        self.idx = array("Q", self.idx)
 
     def positions(self, offsets: np.ndarray) -> np.ndarray:
         """Arena positions of the segment offsets ``offsets`` (int64 numpy arrays)."""

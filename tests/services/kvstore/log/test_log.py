@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from array import array
+
 import pytest
 
 from services.kvstore.log import (
@@ -22,7 +25,13 @@ from services.kvstore.log import (
 )
 from services.kvstore.log._entries import Buffer, build_object, build_tombstone
 from services.kvstore.log._log import AppendEntry
-from services.kvstore.log._segments import IDX_NO_HASH, IDX_SHIFT, IDX_TOMB
+from services.kvstore.log._segments import (
+    IDX_AUX_MASK,
+    IDX_NO_HASH,
+    IDX_OFFSET_SHIFT,
+    IDX_SHIFT,
+    IDX_TOMB,
+)
 
 SMALL = StorageConfig(
     total_bytes=64 * 4096, segment_size=8 * 4096, seglet_size=4096, cleaner_reserve_segments=1
@@ -214,9 +223,7 @@ def test_default_config_matches_ramcloud() -> None:
 
 
 def _index(seg: Segment) -> list[tuple[int, int, int]]:
-    words = list(seg.idx_words)
-    aux = list(seg.idx_aux)
-    return [(w >> IDX_SHIFT, w & 7, x) for w, x in zip(words, aux, strict=True)]
+    return [(w >> IDX_OFFSET_SHIFT, w & 7, w >> IDX_SHIFT & IDX_AUX_MASK) for w in seg.idx]
 
 
 def test_every_appended_entry_is_indexed_in_order_with_its_aux() -> None:
@@ -224,9 +231,10 @@ def test_every_appended_entry_is_indexed_in_order_with_its_aux() -> None:
     metadata, back to back to the end, with the key hash or the tombstone's target."""
     log = Log(SMALL)
     one, two = object_entry_size(1, 50), object_entry_size(1, 60)
-    ref = log.append_object(1, b"k", b"v" * 50, 1, 0, one, key_hash=1234)
+    h = 0xFEDC_BA98_7654_3210  # only its low bits are kept (enough to name a bucket)
+    ref = log.append_object(1, b"k", b"v" * 50, 1, 0, one, key_hash=h)
     tomb = tombstone_entry_size(1)
-    ref2 = log.append_object(1, b"k", b"w" * 60, 2, 0, two, ref, 1, one, tomb, key_hash=1234)
+    ref2 = log.append_object(1, b"k", b"w" * 60, 2, 0, two, ref, 1, one, tomb, key_hash=h)
     (ref3,) = log.append([_obj(b"z", b"q" * 3000)])  # the generic path, hash unknown
     head = log.head
     index = _index(head)
@@ -235,8 +243,25 @@ def test_every_appended_entry_is_indexed_in_order_with_its_aux() -> None:
     assert offsets == parsed
     assert offsets[0] > 0 and (head.slot << 24 | offsets[0]) == ref
     assert index[1] == (offsets[1], IDX_TOMB, head.id)
-    assert index[2] == (ref2 & 0xFFFFFF, 0, 1234)
+    assert index[2] == (ref2 & 0xFFFFFF, 0, h & IDX_AUX_MASK)
     assert index[3] == (ref3 & 0xFFFFFF, IDX_NO_HASH, 0)
+
+
+def test_a_closed_segments_index_is_sealed_at_its_exact_size() -> None:
+    """A segment's index stops growing when it closes: it keeps no growth slack (8 bytes an
+    entry, as the cleaner's memory budget assumes), and its words survive the copy."""
+    log = Log(SMALL)
+    size = object_entry_size(1, 40)
+    first = log.head
+    for i in range(2000):
+        log.append_object(1, bytes([i % 251]), b"v" * 40, i + 1, 0, size, key_hash=i)
+        if log.head is not first:
+            break
+    assert log.head is not first and first.state is SegmentState.CLOSED
+    index = _index(first)
+    assert [(f, x) for _o, f, x in index] == [(0, i) for i in range(len(index))]
+    assert first.idx.buffer_info()[1] == len(index)
+    assert sys.getsizeof(first.idx) - sys.getsizeof(array("Q")) == 8 * len(index)
 
 
 def test_a_head_grows_from_the_seglets_freed_a_few_at_a_time() -> None:
