@@ -186,6 +186,11 @@ def write_object_into(
     :func:`build_tombstone` and :func:`build_object`, without building them first. ``buf``
     must be a byte buffer with room for the entries at ``pos``.
     """
+    # struct's "s" fields take bytes and bytearrays only; request fields arrive as memoryviews
+    if not isinstance(key, bytes | bytearray):
+        key = memoryview(key).tobytes()  # (a non-buffer raises TypeError here)
+    if not isinstance(value, bytes | bytearray):
+        value = memoryview(value).tobytes()
     klen = len(key)
     vlen = len(value)
     if dead_segment_id < 0:
@@ -193,11 +198,7 @@ def write_object_into(
         if layout is None:
             layout = _obj_layout(klen, vlen)
         packer, head = layout
-        try:
-            packer.pack_into(buf, pos, head, 0, timestamp, version, table_id, 1, klen, key, value)
-        except struct.error:  # a memoryview key or value: rare, so not checked up front
-            key, value = _as_bytes(key), _as_bytes(value)
-            return write_object_into(buf, pos, table_id, key, value, version, timestamp)
+        packer.pack_into(buf, pos, head, 0, timestamp, version, table_id, 1, klen, key, value)
         content = pos + len(head)
         end = content + OBJECT_HEADER.size + klen + vlen
     else:
@@ -205,32 +206,26 @@ def write_object_into(
         if pair is None:
             pair = _pair_layout(klen, vlen)
         packer, thead, head, tsize = pair
-        try:
-            packer.pack_into(
-                buf,
-                pos,
-                thead,
-                0,
-                timestamp,
-                table_id,
-                dead_segment_id,
-                dead_version,
-                key,
-                head,
-                0,
-                timestamp,
-                version,
-                table_id,
-                1,
-                klen,
-                key,
-                value,
-            )
-        except struct.error:
-            key, value = _as_bytes(key), _as_bytes(value)
-            return write_object_into(
-                buf, pos, table_id, key, value, version, timestamp, dead_segment_id, dead_version
-            )
+        packer.pack_into(
+            buf,
+            pos,
+            thead,
+            0,
+            timestamp,
+            table_id,
+            dead_segment_id,
+            dead_version,
+            key,
+            head,
+            0,
+            timestamp,
+            version,
+            table_id,
+            1,
+            klen,
+            key,
+            value,
+        )
         content = pos + len(thead)
         end = pos + tsize
         _U32.pack_into(buf, content, crc32c(buf[content + 4 : end], TOMBSTONE_CRC_SEED))
