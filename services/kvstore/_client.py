@@ -399,9 +399,13 @@ class KvClient:
                             again.append(i)
                         results[i] = error
 
-            async with trio.open_nursery() as nursery:
+            if len(groups) == 1:  # one master (the common case): no task to start
                 for address, indexes in groups.items():
-                    nursery.start_soon(send, address, indexes)
+                    await send(address, indexes)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for address, indexes in groups.items():
+                        nursery.start_soon(send, address, indexes)
             pending = sorted(again)
             if pending:
                 if trio.current_time() >= deadline:
