@@ -400,8 +400,8 @@ class KvClient:
                         results[i] = error
 
             if len(groups) == 1:  # one master (the common case): no task to start
-                for address, indexes in groups.items():
-                    await send(address, indexes)
+                [(address, indexes)] = groups.items()
+                await send(address, indexes)
             else:
                 async with trio.open_nursery() as nursery:
                     for address, indexes in groups.items():
