@@ -9,7 +9,7 @@ venv: $(VENV)/.installed
 
 # The install compiles these with mypyc into extension modules beside them, which Python imports
 # instead: an edit must rebuild them (rpcfast/_compiled.py lists them; import refuses stale ones).
-HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py
+HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py rpcfast/dispatch/_poller.py rpcfast/_router.py rpcfast/_fastcall.py
 
 $(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH)
 	$(PYTHON) -m venv $(VENV)

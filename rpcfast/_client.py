@@ -23,6 +23,7 @@ import trio
 
 from rpcfast import _wire
 from rpcfast._errors import RemoteError, RpcTimeout, Status
+from rpcfast._fastcall import Caller, CallPlan
 from rpcfast._pending import PendingCall
 from rpcfast._schema import Body, InterfaceSpec, MethodSpec, interface_spec
 from rpcfast._trace import TimeTrace
@@ -51,11 +52,22 @@ class Connection:
         self.dispatcher = current()
         self.transport, self.peer = client_transport(self.dispatcher, address)
         self.address = address
-        self.timeout = timeout
         self.trace = trace
         self._closed = False
         self._call_spin = self.dispatcher.config.call_spin
         self._poll_once = self.dispatcher.poll_once
+        self._caller = Caller(
+            self.transport, self.peer, self.dispatcher.poller, self._call_spin, timeout
+        )
+
+    @property
+    def timeout(self) -> float | None:
+        """Default timeout (seconds) of calls that give none; None waits for ever."""
+        return self._caller.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._caller.timeout = value
 
     async def __aenter__(self) -> Connection:
         return self
@@ -67,6 +79,7 @@ class Connection:
 
     def close(self) -> None:
         self._closed = True
+        self._caller.closed = True
 
     def stub(self, interface: Any) -> Stub:
         """Methods of ``interface`` (a pycapnp interface or a Service class) as coroutines."""
@@ -224,6 +237,16 @@ class Connection:
             pending.recv_ns = _now_ns()
         return pending
 
+    async def _wait(
+        self, pending: PendingCall, plan: CallPlan, timeout: float | None
+    ) -> Body | None:
+        """The rest of a stub's call that did not finish within the inline spin."""
+        if timeout is None:
+            timeout = self.timeout
+        await self._sleep_until_done(pending, timeout)
+        result: Body | None = self._caller.finish(plan, pending)
+        return result
+
     async def _sleep_until_done(self, pending: PendingCall, timeout: float | None) -> None:
         event = pending.event = trio.Event()
         pending.waker = self.dispatcher.request_yield
@@ -258,7 +281,10 @@ class Stub:
             raise AttributeError(f"{self._spec.name} has no method {name!r}")
         connection, spec = self._connection, self._spec
         header = _pack_request(spec.service_id, method.ordinal, 0)
-        invoke = connection._call
+        plan = CallPlan(header, method.params, method.results)
+        fast = connection._caller.call
+        checkpoint_if_cancelled = _checkpoint_if_cancelled
+        pending_type = PendingCall
 
         async def call(
             _params: Mapping[str, Any] | None = None,
@@ -267,7 +293,13 @@ class Stub:
             timeout: float | None = None,
             **fields: Any,
         ) -> Body | None:
-            return await invoke(spec, method, header, _params or fields or None, timeout)
+            if connection.trace is not None:  # traced calls take the general path
+                return await connection._call(spec, method, header, _params or fields, timeout)
+            await checkpoint_if_cancelled()
+            result = fast(plan, _params or fields or None, timeout)
+            if type(result) is pending_type:
+                return await connection._wait(result, plan, timeout)
+            return result  # type: ignore[no-any-return]
 
         call.__name__ = name
         setattr(self, name, call)

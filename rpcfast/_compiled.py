@@ -22,6 +22,9 @@ HOT_PATH: Final = (
     "rpcfast/_session.py",
     "rpcfast/_pending.py",
     "rpcfast/transports/_udp.py",
+    "rpcfast/dispatch/_poller.py",
+    "rpcfast/_router.py",
+    "rpcfast/_fastcall.py",
 )
 """Sources compiled with mypyc, relative to the project root."""
 

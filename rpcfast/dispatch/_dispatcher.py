@@ -23,8 +23,6 @@ before they sleep; see ``rpcfast._client``.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import select
 import time
 from collections.abc import Callable
@@ -33,22 +31,15 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from rpcfast.dispatch._poller import CLOSED, FAILED, PARK, YIELD, LoadProbe, Poller
+
 if TYPE_CHECKING:
     from rpcfast.transports import Transport
 
-log = logging.getLogger("rpcfast.dispatch")
+__all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LoadProbe", "current"]
 
+log = logging.getLogger("rpcfast.dispatch")
 _clock = time.perf_counter
-sched_yield = os.sched_yield
-_INLINE_WAIT = 0.001
-"""Longest sleep in the dispatcher's own epoll (its resolution), trio waits meanwhile."""
-_GAP_FLOOR = 0.000005
-_WAKE_COST = 0.00015
-"""A wake-up from a sleep here, at worst on a loaded 2-core machine (DESIGN.md: ~40 us quiet)."""
-_SHORT_WAITS = 4.0
-"""Recent idle stretches under this many ``busy_spin`` keep a busy loop spinning."""
-_DECAY = 0.75
-"""Per stretch, how much of the longest recent one is still remembered."""
 
 
 @attrs.frozen
@@ -84,39 +75,6 @@ class DispatchConfig:
     """Where the runnable count is read (its 4th field, ``running/total``)."""
 
 
-class LoadProbe:
-    """Whether more threads are runnable than the machine has cores, from the running count in
-    ``/proc/loadavg`` (instantaneous, unlike the averages beside it). Re-read at most every
-    ``interval`` seconds; where the file cannot be read the machine counts as never busy."""
-
-    def __init__(self, interval: float, path: str = "/proc/loadavg") -> None:
-        self._interval = interval
-        self._cores = os.cpu_count() or 1
-        self._next = -math.inf
-        self._busy = False
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            self._fd = -1
-
-    def busy(self, now: float) -> bool:
-        if now < self._next:
-            return self._busy
-        self._next = now + self._interval
-        if self._fd >= 0:
-            try:
-                fields = os.pread(self._fd, 128, 0).split()
-                self._busy = int(fields[3].partition(b"/")[0]) > self._cores
-            except (OSError, IndexError, ValueError):
-                self._busy = False
-        return self._busy
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 @attrs.define
 class DispatchStats:
     polls: int = 0
@@ -131,46 +89,77 @@ class DispatchStats:
 
 
 class Dispatcher:
-    """The process's polling loop. Get it with :func:`rpcfast.dispatch.current`."""
+    """The process's polling loop. Get it with :func:`rpcfast.dispatch.current`.
+
+    The synchronous work lives in a compiled :class:`~rpcfast.dispatch._poller.Poller`; its
+    signal methods (``schedule``, ``request_yield``, ``wake``, ``task_started``,
+    ``task_finished``) and ``poll_once`` are the poller's own bound methods, so transports and
+    callers reach compiled code without a Python frame in between.
+    """
+
+    schedule: Callable[[float], None]
+    """Make sure transport timers run no later than ``deadline`` (perf_counter time)."""
+    request_yield: Callable[[], None]
+    """Another task became runnable (a handler task, a woken caller): let it run soon."""
+    task_started: Callable[[], None]
+    """A task that works with the dispatcher (an async handler) is running: until it
+    finishes, the loop yields after every poll so that task is never kept waiting."""
+    task_finished: Callable[[], None]
+    wake: Callable[[], None]
+    """Leave the park now (in-process sends, new transports)."""
+    poll_once: Callable[[], bool]
+    """Poll every transport once and run due timers; return whether any work was done. For
+    callers that spin on it inline (with ``park_when_busy`` it may sleep up to ~1 ms in epoll
+    after ``busy_spin`` of empty polls on an oversubscribed machine)."""
 
     def __init__(self, config: DispatchConfig | None = None) -> None:
         self.config = config or DispatchConfig()
-        self.stats = DispatchStats()
-        self._transports: list[Transport] = []
-        self._polls: tuple[Callable[[float], bool], ...] = ()  # bound Transport.poll methods
-        self._gap_warning = self.config.gap_warning
-        self._epoll = select.epoll()
-        self._registered: set[int] = set()
-        self._next_deadline = math.inf
-        self._need_yield = False
-        self.active_tasks = 0
-        self._park_scope: trio.CancelScope | None = None
-        self._closed = False
-        self._last_poll = _clock()
+        self.poller = poller = Poller(self.config)
+        self._transports: list[Transport] = poller.transports
         self.client_endpoints: dict[tuple[str, bool], Transport] = {}
-        cfg = self.config
-        self._load = LoadProbe(cfg.load_interval, cfg.load_file) if cfg.park_when_busy else None
-        self.busy_spin = min(cfg.busy_spin, cfg.spin_budget)
-        self._idle_since = math.inf  # start of the current run of empty inline polls
-        # recent idle stretches between two polls that found work (a decaying maximum): short
-        # ones mean work comes back quickly, so spinning on a busy machine still pays (a read
-        # loop); long ones mean the wait is on other processes that need the cores (a write
-        # replicated to 3 backups)
-        self._recent_idle = 0.0
-        self._worked_at = self._last_poll
-        self._slept = False
+        self._registered: set[int] = set()
+        self.schedule = poller.schedule
+        self.request_yield = poller.request_yield
+        self.task_started = poller.task_started
+        self.task_finished = poller.task_finished
+        self.wake = poller.wake
+        self.poll_once = poller.poll_once
+
+    @property
+    def stats(self) -> DispatchStats:
+        """A snapshot of the loop's counters."""
+        p = self.poller
+        return DispatchStats(
+            polls=p.n_polls,
+            parks=p.n_parks,
+            yields=p.n_yields,
+            busy_parks=p.n_busy_parks,
+            inline_waits=p.n_inline_waits,
+            timer_runs=p.n_timer_runs,
+            long_gaps=p.n_long_gaps,
+            longest_gap=p.longest_gap,
+            errors=p.n_errors,
+        )
+
+    @property
+    def active_tasks(self) -> int:
+        return self.poller.active_tasks
+
+    @property
+    def busy_spin(self) -> float:
+        return self.poller.busy_spin
 
     # -- transports -------------------------------------------------------------------------------
     def add_transport(self, transport: Transport) -> None:
         self._transports.append(transport)
-        self._polls = tuple(t.poll for t in self._transports)
+        self.poller.polls = tuple(t.poll for t in self._transports)
         self.refresh_fds()
         self.wake()
 
     def remove_transport(self, transport: Transport) -> None:
         if transport in self._transports:
             self._transports.remove(transport)
-        self._polls = tuple(t.poll for t in self._transports)
+        self.poller.polls = tuple(t.poll for t in self._transports)
         self.refresh_fds()
 
     @property
@@ -179,196 +168,75 @@ class Dispatcher:
 
     def refresh_fds(self) -> None:
         """Re-read every transport's fds into the epoll set (after a transport opens a socket)."""
+        if self.poller.closed:
+            return
+        epoll = self.poller.epoll
         wanted = {fd for t in self._transports for fd in t.filenos()}
         for fd in self._registered - wanted:
             try:
-                self._epoll.unregister(fd)
+                epoll.unregister(fd)
             except OSError:
                 pass  # already closed: the kernel dropped it from the set
         for fd in wanted - self._registered:
-            self._epoll.register(fd, select.EPOLLIN)
+            epoll.register(fd, select.EPOLLIN)
         self._registered = wanted
 
-    # -- signals from transports and callers ------------------------------------------------------
-    def schedule(self, deadline: float) -> None:
-        """Make sure transport timers run no later than ``deadline`` (perf_counter time)."""
-        if deadline < self._next_deadline:
-            self._next_deadline = deadline
-            scope = self._park_scope
-            if scope is not None:
-                scope.deadline = trio.current_time() + max(0.0, deadline - _clock())
-
-    def request_yield(self) -> None:
-        """Another task became runnable (a handler task, a woken caller): let it run soon."""
-        self._need_yield = True
-
-    def task_started(self) -> None:
-        """A task that works with the dispatcher (an async handler) is running: until it
-        finishes, the loop yields after every poll so that task is never kept waiting."""
-        self.active_tasks += 1
-        self._need_yield = True
-
-    def task_finished(self) -> None:
-        self.active_tasks -= 1
-
-    def wake(self) -> None:
-        """Leave the park now (in-process sends, new transports)."""
-        self._need_yield = True
-        scope = self._park_scope
-        if scope is not None:
-            scope.cancel()
-
     # -- the loop ---------------------------------------------------------------------------------
-    def poll_once(self) -> bool:
-        """Poll every transport once and run due timers; return whether any work was done.
-
-        For callers that spin on it inline: with ``park_when_busy``, after ``busy_spin`` of
-        polls that found nothing on an oversubscribed machine, it sleeps until a transport has
-        input (at most ~1 ms) instead of returning at once."""
-        worked = self._poll_all()
-        if worked:
-            self._idle_since = math.inf
-        elif self._load is not None:
-            now = self._last_poll
-            if now < self._idle_since:
-                self._idle_since = now
-            elif (
-                now - self._idle_since > self.busy_spin
-                and self._recent_idle > _SHORT_WAITS * self.busy_spin
-                and self._load.busy(now)
-            ):
-                self._wait_inline()
-        return worked
-
-    def _wait_inline(self) -> None:
-        """Sleep in the kernel until a transport fd is readable (at most ~1 ms, epoll's
-        resolution, nor past the next transport timer): a woken sleeper gets a core promptly,
-        while a yielding spinner may wait out another process's whole time slice."""
-        for transport in self._transports:
-            if transport.has_pending():  # input that no fd announces (ZeroMQ's edge trigger)
-                return
-        timeout = min(_INLINE_WAIT, self._next_deadline - _clock())
-        if timeout > 0:
-            self.stats.inline_waits += 1
-            self._slept = True
-            self._epoll.poll(timeout)
-
-    def _poll_all(self) -> bool:
-        now = _clock()
-        if now - self._last_poll > self._gap_warning:
-            self._note_gap(now - self._last_poll)
-        self._last_poll = now
-        worked = False
-        for poll in self._polls:
-            if poll(now):
-                worked = True
-        if worked and self._load is not None:  # (only park_when_busy needs the stretches)
-            gap = now - self._worked_at
-            if self._slept:  # don't count our own wake-up as waiting (or sleeping would stick)
-                gap -= _WAKE_COST
-                self._slept = False
-            if gap > _GAP_FLOOR:  # (back-to-back work is no idle stretch)
-                self._recent_idle = max(gap, self._recent_idle * _DECAY)
-            self._worked_at = now
-        if now >= self._next_deadline:
-            self._run_timers(now)
-        return worked
-
-    def _note_gap(self, gap: float) -> None:
-        self.stats.long_gaps += 1
-        if gap > self.stats.longest_gap:
-            self.stats.longest_gap = gap
-        log.debug("dispatcher was not polled for %.1f ms", gap * 1e3)
-
-    def _run_timers(self, now: float) -> None:
-        self.stats.timer_runs += 1
-        nxt = math.inf
-        for transport in self._transports:
-            transport.on_timer(now)
-            deadline = transport.next_deadline()
-            if deadline is not None and deadline < nxt:
-                nxt = deadline
-        self._next_deadline = nxt
-
     async def run(self) -> None:
         """Run until cancelled; closes every transport on the way out."""
-        cfg = self.config
-        share_cpu = cfg.share_cpu
-        load = self._load
-        spin_budget = cfg.spin_budget
-        last_work = last_yield = _clock()
+        poller = self.poller
+        spin = poller.spin
+        resumed = poller.resumed
+        checkpoint = trio.lowlevel.checkpoint
         try:
-            while not self._closed:
-                try:
-                    worked = self._poll_all()
-                except Exception:  # a transport bug must not take the process down
-                    self.stats.errors += 1
-                    log.exception("transport poll failed")
-                    worked = False
-                    await trio.sleep(0.001)
-                self.stats.polls += 1
-                self._idle_since = math.inf  # a caller's inline spin starts a new idle run
-                now = _clock()
-                budget = spin_budget
-                if worked:
-                    last_work = now
-                elif (
-                    load is not None
-                    and self._recent_idle > _SHORT_WAITS * self.busy_spin
-                    and load.busy(now)
-                ):
-                    budget = self.busy_spin
-                elif share_cpu:
-                    sched_yield()
-                if self._need_yield or self.active_tasks or now - last_yield > cfg.yield_interval:
-                    self._need_yield = False
-                    self.stats.yields += 1
-                    await trio.lowlevel.checkpoint()
-                    last_yield = _clock()
-                    # time spent in other tasks is not a gap of ours
-                    self._last_poll = last_yield
-                elif now - last_work > budget:
-                    if budget != spin_budget:
-                        self.stats.busy_parks += 1
+            while True:
+                action = spin()
+                if action == YIELD:
+                    await checkpoint()
+                    resumed(False)
+                elif action == PARK:
                     await self._park()
-                    last_work = last_yield = self._last_poll = _clock()
+                    resumed(True)
+                elif action == FAILED:
+                    await trio.sleep(0.001)
+                else:
+                    assert action == CLOSED
+                    return
         finally:
             self.close()
 
     async def _park(self) -> None:
+        poller = self.poller
         for transport in self._transports:
             if transport.has_pending():
                 return
-        self.stats.parks += 1
-        self._slept = True
-        timeout = self._next_deadline - _clock()
+        poller.n_parks += 1
+        poller.slept = True
+        timeout = poller.next_deadline - _clock()
         if timeout <= 0:
             return
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-            self._park_scope = scope
+            poller.park_scope = scope
             try:
-                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                await trio.lowlevel.wait_readable(poller.epoll.fileno())
             finally:
-                self._park_scope = None
+                poller.park_scope = None
 
     def close(self) -> None:
-        if self._closed:
+        if self.poller.closed:
             return
-        self._closed = True
         for transport in list(self._transports):
             try:
                 transport.close()
             except Exception:
                 log.exception("closing %r failed", transport)
         self._transports.clear()
-        self._polls = ()
-        self._epoll.close()
-        if self._load is not None:
-            self._load.close()
+        self.poller.polls = ()
+        self.poller.close()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.poller.closed
 
 
 _current: trio.lowlevel.RunVar[Dispatcher] = trio.lowlevel.RunVar("rpcfast_dispatcher")

@@ -151,7 +151,7 @@ async def test_graceful_shutdown_finishes_running_handlers_and_refuses_new() -> 
             with trio.fail_after(2):
                 while not server._inflight:
                     await trio.sleep(0.005)
-            server._closing = True  # what leaving the block does first
+            server.router.closing = True  # what leaving the block does first
             with pytest.raises(rpcfast.RemoteError) as info:
                 await stub.ping()
             assert info.value.status is rpcfast.Status.SHUTTING_DOWN

@@ -1,0 +1,112 @@
+"""The client's synchronous call path: send, drive the dispatcher inline, parse the response.
+
+Compiled with mypyc (``rpcfast._compiled``). A stub method (``rpcfast._client.Stub``) is a
+thin coroutine around :meth:`Caller.call`: when the response arrives within the inline spin
+(the common case for a nearby server), the whole round trip on the client runs here and in
+the transport without entering the interpreter, apart from the codec and the coroutine itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from rpcfast import _wire
+from rpcfast._errors import RemoteError, Status
+from rpcfast._pending import PendingCall
+from rpcfast.dispatch._poller import Poller
+
+_clock: Final = time.perf_counter
+_HEADER_SIZE: Final = _wire.HEADER_SIZE
+_FLAG_TRACE: Final = _wire.FLAG_TRACE
+_TRACE_SIZE: Final = _wire.TRACE.size
+_STATUS_OK: Final = int(Status.OK)
+_unpack_response: Final = _wire.RESPONSE.unpack_from
+_STATUS: Final = {int(s): s for s in Status}
+
+
+class CallPlan:
+    """One stub method's constants: its packed request header and its codecs' entry points."""
+
+    def __init__(self, header: bytes, params: Any, results: Any) -> None:
+        self.header = header
+        self.params_empty: bool = bool(params.empty)
+        self.encode_parts: Callable[[Any], list[Any]] = params.encode_parts
+        self.results_empty: bool = bool(results.empty)
+        self.decode: Callable[[memoryview], Any] = results.decode
+
+
+def remote_error(payload: memoryview, status: int, offset: int, code: int) -> RemoteError:
+    message = bytes(payload[offset:]).decode("utf-8", "replace")
+    return RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message, code)
+
+
+class Caller:
+    """A connection's untraced call path (``rpcfast._client.Connection`` owns one)."""
+
+    def __init__(
+        self,
+        transport: Any,
+        peer: str,
+        poller: Poller,
+        call_spin: float,
+        timeout: float | None,
+    ) -> None:
+        self.transport = transport
+        self.peer = peer
+        self.poller = poller
+        self.call_spin = call_spin
+        self.timeout = timeout
+        self.closed = False
+
+    def call(self, plan: CallPlan, params: Any, timeout: float | None) -> Any:
+        """Encode, send and spin for up to ``call_spin``. Returns the decoded result (None for
+        an empty one) when the response came, or raises its error; returns the
+        :class:`PendingCall` itself when the call is still running (the caller sleeps on it,
+        then calls :meth:`finish`)."""
+        if params is None and plan.params_empty:
+            message: list[Any] = [plan.header]
+        else:
+            message = [plan.header, *plan.encode_parts(params)]
+        if self.closed:
+            raise RuntimeError("connection is closed")
+        if timeout is None:
+            timeout = self.timeout
+        pending = PendingCall()
+        start = _clock()
+        pending.started = start
+        self.transport.call(self.peer, message, pending)
+        if not pending.done:
+            spin_until = start + self.call_spin
+            if timeout is not None and start + timeout < spin_until:
+                spin_until = start + timeout
+            poller = self.poller
+            while True:
+                poller.poll_once()
+                if pending.done or _clock() > spin_until:
+                    break
+            if not pending.done:
+                return pending
+        return self.finish(plan, pending)
+
+    def finish(self, plan: CallPlan, pending: PendingCall) -> Any:
+        """The result of a finished call (or raise its error)."""
+        error = pending.error
+        if error is not None:
+            raise error
+        payload = pending.payload
+        assert payload is not None
+        head = _unpack_response(payload)
+        status: int = head[0]
+        rflags: int = head[1]
+        if not rflags and status == _STATUS_OK:
+            if len(payload) == _HEADER_SIZE and plan.results_empty:
+                return None  # what an empty result struct decodes to, without the call
+            return plan.decode(payload[_HEADER_SIZE:])
+        offset = _HEADER_SIZE
+        if rflags & _FLAG_TRACE:  # (a traced reply to an untraced call: skip the stamps)
+            offset += _TRACE_SIZE
+        if status != _STATUS_OK:
+            raise remote_error(payload, status, offset, head[2])
+        return plan.decode(payload[offset:])
