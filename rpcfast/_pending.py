@@ -20,6 +20,7 @@ class PendingCall:
 
     __slots__ = (
         "callback",
+        "channel",
         "done",
         "error",
         "event",
@@ -42,6 +43,7 @@ class PendingCall:
         self.started = 0.0
         self.waker: Any = None
         self.callback: Callable[[PendingCall], None] | None = None
+        self.channel: Any = None  # the transport's per-peer state for this call, if it has one
 
     def complete(self, payload: memoryview) -> None:
         if self.done:

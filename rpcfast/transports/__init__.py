@@ -54,7 +54,8 @@ def client_transport(dispatcher: Dispatcher, address: str) -> tuple[Transport, s
     transport = dispatcher.client_endpoints.get(key)
     if transport is None:
         if scheme == "udp":
-            transport = UdpTransport(dispatcher, "127.0.0.1" if loopback else "0.0.0.0", 0)
+            host = "127.0.0.1" if loopback else "0.0.0.0"
+            transport = UdpTransport(dispatcher, host, 0, client_only=True)
         elif scheme == "zmq":
             transport = ZmqTransport(dispatcher, None)
         else:

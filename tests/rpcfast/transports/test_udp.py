@@ -1,0 +1,61 @@
+"""The UDP transport's client side: one connected socket per server, polled only while needed."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+import rpcfast
+from rpcfast.testing import EchoService, echo_capnp
+from rpcfast.transports import UdpTransport, client_transport
+
+
+async def test_calls_to_each_server_go_over_their_own_connected_socket() -> None:
+    async with rpcfast.serve([EchoService()], ["udp://127.0.0.1:0", "udp://127.0.0.1:0"]) as srv:
+        first, second = srv.addresses
+        transport, _ = client_transport(srv.dispatcher, first)
+        assert isinstance(transport, UdpTransport)
+        async with rpcfast.connect(first, timeout=5) as a, rpcfast.connect(second, timeout=5) as b:
+            for _ in range(3):
+                assert await a.stub(echo_capnp.Echo).ping() is None
+                reply = await b.stub(echo_capnp.Echo).echo(data=b"two")
+                assert reply is not None and bytes(reply.data) == b"two"
+        channels = transport._channels
+        assert len(channels) == 2 and not transport._polled  # nothing outstanding: none polled
+        ports = {chan.sock.getpeername()[1] for chan in channels.values()}
+        assert ports == {int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])}
+        for chan in channels.values():  # the dispatcher parks on them too
+            assert chan.sock.fileno() in transport.filenos()
+
+
+async def test_past_max_channels_calls_use_the_unconnected_socket() -> None:
+    async with rpcfast.serve([EchoService()], ["udp://127.0.0.1:0", "udp://127.0.0.1:0"]) as srv:
+        transport, _ = client_transport(srv.dispatcher, srv.addresses[0])
+        assert isinstance(transport, UdpTransport)
+        transport.max_channels = 1
+        stubs = [rpcfast.connect(a, timeout=5).stub(echo_capnp.Echo) for a in srv.addresses]
+        async with trio.open_nursery() as nursery:  # concurrent calls to both servers
+            for _ in range(4):
+                for stub in stubs:
+                    nursery.start_soon(stub.ping)
+        assert len(transport._channels) == 1 and transport._main_calls == 0
+        assert not transport._polled
+
+
+async def test_a_server_port_that_refuses_fails_the_call_as_peer_dead() -> None:
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: the kernel answers with ICMP port unreachable
+    conn = rpcfast.connect(f"udp://127.0.0.1:{port}", timeout=0.5)
+    stub = conn.stub(echo_capnp.Echo)
+    for _ in range(2):  # the refusal queued on the connected socket must not wedge it
+        try:
+            await stub.ping()
+        except (rpcfast.PeerDead, rpcfast.RpcTimeout):
+            pass
+        else:
+            raise AssertionError("a call to a closed port succeeded")
+    transport = conn.transport
+    assert isinstance(transport, UdpTransport) and not transport._polled
