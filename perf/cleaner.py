@@ -8,7 +8,9 @@ Sections (``--sections``):
   1x measured, each bounded in time (``cut`` marks a bound hit). ``copied/new`` is every byte
   the cleaner copied in memory (compaction and combined cleaning) per new object byte;
   ``backup/new`` is Figure 7's metric (survivor bytes the replica sink receives per byte of new
-  log data) and ``wcost`` the backup log's write cost, ``1 + backup/new``.
+  log data) and ``wcost`` the backup log's write cost, ``1 + backup/new``. ``u_comp`` and
+  ``u_clean`` are the memory utilisation (live over held bytes) of the segments compaction and
+  combined cleaning chose: each copies about ``u/(1-u)`` bytes per byte it frees.
 * ``latency``: Figure 9. 100-byte objects, uniform, at 90% (or the highest of 85, 80, ... at
   which the engine does not wedge) vs the same writes in a log so large the cleaner never runs;
   closed loop (back to back: a write's latency includes the slice that ran before it) and open
@@ -28,9 +30,21 @@ Conclusion (``rpcfast-perf cleaner --json cleaner.json``, 16 MiB log, 2-core sha
   slice copies, one hash-table scatter per batch) spends 0.4-0.9 us on liveness, 1.0-2.9 us
   copying and indexing, 0.04-0.12 us repointing the hash table and 0.5-1.9 us on the rest
   (choosing, scanning, committing) at 80-90%, 26-32 relocations per write (the per-entry
-  Python cleaner took 6-15 us). The range is the shared host's load. Bytes copied per new
-  byte stay ~13 at 80% and ~28 at 90%: the balancer keeps half of the free memory
-  unallocated ((100+L)/2), which leaves ~1.5% of memory as dead bytes in segments at 90%.
+  Python cleaner took 6-15 us). The range is the shared host's load.
+* Bytes copied per new byte (1 KB, uniform) were ~13 at 80% and ~28 at 90%, with the chosen
+  segments ~95% live in memory (``u_comp``). At 90% of the 16 MiB log the 10% of free memory
+  went to the reserves (3.1%), the unallocated half the balancer keeps (measured against the
+  DEFAULT pool alone, on top of the reserves: 3.5%), seglet tails (~1%), live tombstones
+  (~1%) and the unfilled part of the head (up to 0.8%), leaving ~1.5% as dead bytes; and
+  combined cleaning, run when compaction freed nothing, ranked segments by disk use (~45%)
+  though they were ~95% live in memory. Measuring T and L against all log memory with the
+  reserves counted as unallocated (the paper's own definition), ranking by memory use when
+  cleaning for memory, and heads that take seglets as they fill: ~8.3 at 80% and ~22 at 90%
+  (zipfian 5.8 -> 4.0 and 10.8 -> 8.0); Figure 7's backup/new at 90% 3.7 -> 0.7. Even an
+  ideal cleaner left with the ~5% of memory the paper's rule leaves for dead bytes at 90%
+  would copy ~9 bytes per new byte; at 1-3 us per relocated KB that bounds 90% at ~0.3-0.5x
+  the throughput at 30% (the paper measured ~0.5x in C++), so the issue's 0.8x needs a
+  balancer that keeps less memory unallocated, or cheaper relocation.
 * Cooperative slices cannot keep the median: closed loop 23x/1.34x/1.58x the no-cleaner median
   with 0.2/0.5/2 ms budgets, p99 14-96x; open loop at half capacity 5.9x/1.33x/1.14x, p99
   3.1x/5.8x/22x. Small slices lose throughput to per-slice overhead, large ones make the tail.
@@ -434,12 +448,22 @@ def sweep_point(
         "relocated_per_new_byte": relocated / new_log_bytes,
         "backup_ratio": survivors / head if head else None,
         "write_cost": (head + survivors) / head if head else None,
+        "compacted_use": _chosen_use(s0.cleaner, s1.cleaner, "compacted"),
+        "cleaned_use": _chosen_use(s0.cleaner, s1.cleaner, "cleaned"),
         "compactions": s1.cleaner.compactions - s0.cleaner.compactions,
         "cleanings": s1.cleaner.cleanings - s0.cleaner.cleanings,
         "stalls": win.stalls,
         "warm_writes": warm.writes,
         "truncated": int(warm.truncated or win.truncated),
     }
+
+
+def _chosen_use(before: Any, after: Any, kind: str) -> float | None:
+    """Memory utilisation of the segments the cleaner chose (``kind``: compacted or cleaned)
+    in a window: what it copied per byte freed follows from it (u/(1-u))."""
+    live = getattr(after, f"{kind}_live_bytes") - getattr(before, f"{kind}_live_bytes")
+    held = getattr(after, f"{kind}_allocated_bytes") - getattr(before, f"{kind}_allocated_bytes")
+    return live / held if held else None
 
 
 def add_relative_throughput(rows: list[Row]) -> None:
@@ -1156,6 +1180,9 @@ SWEEP_COLUMNS = (
     Column("relocated_per_new_byte", "copied/new", "{:.2f}"),
     Column("backup_ratio", "backup/new", "{:.2f}"),
     Column("write_cost", "wcost", "{:.2f}"),
+    Column("compacted_use", "u_comp", "{:.3f}"),
+    Column("cleaned_use", "u_clean", "{:.3f}"),
+    Column("tombstone_fraction", "tombs", "{:.1%}"),
     Column("cleaner_time_fraction", "clean%", "{:.0%}"),
     Column("wants_time_fraction", "wants%", "{:.0%}"),
     Column("stalls", "stalls"),

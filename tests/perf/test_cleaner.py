@@ -113,6 +113,9 @@ def test_sweep_point_row_has_sane_values() -> None:
     assert float(row["relocated_per_new_byte"] or 0) >= 0
     assert 0 <= float(row["cleaner_time_fraction"] or 0) < 1
     assert row["truncated"] in (0, 1)
+    for use in (row["compacted_use"], row["cleaned_use"]):  # None: no pass of that kind
+        assert use is None or 0 < float(use) < 1
+    assert row["compacted_use"] is not None or row["cleaned_use"] is not None
 
 
 def test_relative_throughput_and_latency_ratios() -> None:

@@ -5,7 +5,9 @@ segment keeps its id and its replicas). Combined cleaning takes several segments
 cost-benefit with *segment* age, ``(1-u)*age/u`` (paper section 9), sorts their live entries by
 age into survivor segments, and drops the cleaned segments from the log with a new digest; the
 replica sink sees survivors opened, appended and closed, then the cleaned segments freed. The
-tombstone-ratio balancer (RAMCloud's default ``tombstoneRatio:0.40``) picks the task.
+tombstone-ratio balancer (RAMCloud's default ``tombstoneRatio:0.40``) picks the task; memory
+use is measured as in the paper (section 5.2), against all log memory with the reserve pools
+counted as unallocated.
 
 There are no threads: :meth:`LogCleaner.step` does a bounded slice of work and returns, so a
 server calls it from its event loop between requests.
@@ -132,7 +134,8 @@ def cleaning_score(
 ) -> float:
     """Cost-benefit of cleaning a segment: ``(100-u)*age/u`` with u its integer percent use.
 
-    ``u`` is measured against the full segment size (the replica on backups), ``age`` is the
+    ``u`` is measured against ``segment_size``: the full segment size for the replica on
+    backups, or the memory the segment holds when cleaning for memory. ``age`` is the
     segment's age, not its objects' (paper section 9); an empty segment scores infinity.
     ``retirable_bytes`` (live tombstones elsewhere that die when the segment leaves the log)
     count as freeable: without them a dense segment full of overwritten objects' successors'
@@ -162,6 +165,12 @@ class CleanerStats:
     compaction_failures: int
     aborted_passes: int
     emergency_heads_used: int
+    # Live and allocated bytes of the segments chosen, at choosing time: their ratio is the
+    # memory utilisation the cleaner works at, which sets the bytes copied per byte freed.
+    compacted_live_bytes: int
+    compacted_allocated_bytes: int
+    cleaned_live_bytes: int
+    cleaned_allocated_bytes: int
 
 
 class _Budget:
@@ -302,25 +311,33 @@ class LogCleaner:
         self._seglets_freed = 0
         self._compaction_failures = 0
         self._aborted = 0
-        self._pool_seglets = log.allocator.capacity(Pool.DEFAULT)
-        self._pool_bytes = log.default_pool_bytes
+        self._chosen = [0, 0, 0, 0]  # the *_live_bytes / *_allocated_bytes stats
+        self._total_seglets = log.allocator.total_seglets
 
     # -- policy --------------------------------------------------------------------------
 
     def utilizations(self) -> tuple[float, float, float, float]:
         """``(T, L, U, disk)`` in percent: memory, live objects, live tombstones, backup log.
 
+        As in the paper (section 5.2), T and L are fractions of *all* log memory and free
+        seglets of every pool count as unallocated, the reserves included: the balancer keeps
+        half of the free memory unallocated, and the reserves are part of that half. Measured
+        against the DEFAULT pool alone, the reserves came on top of it: at 90% live bytes they,
+        the unallocated half and seglet tails left ~1.5% of memory as dead bytes in segments,
+        so segments were cleaned at ~95% use (~25-30 bytes copied per new byte).
+
         T counts as 100 once the DEFAULT pool holds less than two head segments: with few,
         large segments the 90% rule alone would sleep while the next roll-over cannot happen.
         """
         log = self._log
-        pool = self._pool_bytes
-        free = log.allocator.free_count(Pool.DEFAULT)
-        starved = free < 2 * log.seglets_per_segment
+        total = self._total_seglets
+        allocator = log.allocator
+        starved = allocator.free_count(Pool.DEFAULT) < 2 * log.seglets_per_segment
+        memory = log.seglet_size * total
         return (
-            100.0 if starved else 100.0 * (self._pool_seglets - free) / self._pool_seglets,
-            min(100.0, 100.0 * log.live_object_bytes / pool),
-            min(100.0, 100.0 * log.live_tombstone_bytes / pool),
+            100.0 if starved else 100.0 * (total - allocator.total_free()) / total,
+            min(100.0, 100.0 * log.live_object_bytes / memory),
+            min(100.0, 100.0 * log.live_tombstone_bytes / memory),
             log.disk_utilization(),
         )
 
@@ -348,10 +365,11 @@ class LogCleaner:
         # The balancer sleeps for certain below 90% memory use (and a nearly empty backup log):
         # answer that without computing every utilisation, as this runs between requests.
         log = self._log
-        free = log.allocator.free_count(Pool.DEFAULT)
+        allocator = log.allocator
+        total = self._total_seglets
         if (
-            (self._pool_seglets - free) * 10 < 9 * self._pool_seglets
-            and free >= 2 * log.seglets_per_segment
+            (total - allocator.total_free()) * 10 < 9 * total
+            and allocator.free_count(Pool.DEFAULT) >= 2 * log.seglets_per_segment
             and log.disk_utilization() < MIN_DISK_UTILIZATION
         ):
             return False
@@ -370,7 +388,15 @@ class LogCleaner:
             compaction_failures=self._compaction_failures,
             aborted_passes=self._aborted,
             emergency_heads_used=self._log.emergency_heads_used,
+            compacted_live_bytes=self._chosen[0],
+            compacted_allocated_bytes=self._chosen[1],
+            cleaned_live_bytes=self._chosen[2],
+            cleaned_allocated_bytes=self._chosen[3],
         )
+
+    def _count_chosen(self, sources: list[Segment], first: int) -> None:
+        self._chosen[first] += sum(s.live_bytes for s in sources)
+        self._chosen[first + 1] += sum(s.allocated_bytes for s in sources)
 
     # -- driving -------------------------------------------------------------------------
 
@@ -463,10 +489,13 @@ class LogCleaner:
             out[i] = table.slot_of(h, ref)
         tombs = np.flatnonzero((flags & IDX_TOMB) != 0)
         if len(tombs):
+            # A tombstone is live while its target segment is in the log: one sorted lookup
+            # (batches of 1 KB objects carry a tombstone for nearly every object).
             segments = self._log.segments
-            targets = e.aux[ids[tombs]].tolist()
-            dead = np.fromiter((t not in segments for t in targets), bool, len(targets))
-            out[tombs[dead]] = -2
+            present = np.sort(np.fromiter(segments, dtype=np.uint64, count=len(segments)))
+            targets = e.aux[ids[tombs]]
+            at = np.minimum(np.searchsorted(present, targets), len(present) - 1)
+            out[tombs[present[at] != targets]] = -2
         out[(flags & IDX_OTHER) != 0] = -2
         return out
 
@@ -586,6 +615,7 @@ class LogCleaner:
         job = _Compaction(sources)
         if not self._target_for(job, 0):
             return None
+        self._count_chosen(sources, 0)
         return job
 
     def _target_for(self, job: _Compaction, k: int) -> bool:
@@ -786,6 +816,31 @@ class LogCleaner:
             freed += len(s.seglets)
         return self._survivor_seglets(live), peak, freed, sum(new.values()), new
 
+    def ranked_for_cleaning(self, now: float) -> list[Segment]:
+        """Cleanable segments, best cost-benefit first (segments too dense to pay are left out).
+
+        While the backup log has room the cleaner runs for memory, so ``u`` is live bytes over
+        the memory a segment holds; scored against the full segment size (RAMCloud's disk
+        utilisation), compacted segments and heads closed early by a commit look cheap while
+        freeing almost nothing: at 90% the chosen segments were ~95% live in memory but ~45%
+        on disk. Once the backup log is nearly full, ``u`` is the disk utilisation again.
+        """
+        log = self._log
+        segment_size = log.segment_size
+        holders_of = log.tombstone_holders
+        for_memory = log.disk_utilization() < MIN_DISK_UTILIZATION
+        scored: list[tuple[float, int, Segment]] = []
+        for seg in log.cleanable_segments():
+            dense = seg.live_bytes * 100 > MAX_CLEANABLE_MEMORY_UTILIZATION * seg.allocated_bytes
+            if dense and not holders_of(seg.id):
+                continue
+            retirable = sum(cell[0] for cell in holders_of(seg.id).values())
+            size = max(1, seg.allocated_bytes) if for_memory else segment_size
+            score = cleaning_score(seg.live_bytes, size, now - seg.created, retirable)
+            scored.append((score, -seg.live_bytes, seg))
+        scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        return [t[2] for t in scored]
+
     def _start_cleaning(self, now: float) -> _Cleaning | None:
         """Choose sources by cost-benefit; start a pass if it frees memory now or soon.
 
@@ -796,24 +851,14 @@ class LogCleaner:
         segments would wedge the cleaner.
         """
         log = self._log
-        segment_size = log.segment_size
-        holders_of = log.tombstone_holders
-        scored: list[tuple[float, int, Segment]] = []
-        for seg in log.cleanable_segments():
-            dense = seg.live_bytes * 100 > MAX_CLEANABLE_MEMORY_UTILIZATION * seg.allocated_bytes
-            if dense and not holders_of(seg.id):
-                continue
-            retirable = sum(cell[0] for cell in holders_of(seg.id).values())
-            score = cleaning_score(seg.live_bytes, segment_size, now - seg.created, retirable)
-            scored.append((score, -seg.live_bytes, seg))
-        scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        ranked = self.ranked_for_cleaning(now)
         available = log.allocator.free_count(Pool.CLEANER) + log.allocator.free_count(Pool.DEFAULT)
-        picked = self._pick_sources([t[2] for t in scored], available)
+        picked = self._pick_sources(ranked, available)
         if picked is None:
             # Memory is too tight for the best-scored set: take the segments with the most
             # freeable bytes per live byte instead (dense old segments may score higher).
             by_room = sorted(
-                (t[2] for t in scored),
+                ranked,
                 key=lambda seg: (seg.allocated_bytes - seg.live_bytes) / max(1, seg.live_bytes),
                 reverse=True,
             )
@@ -822,6 +867,7 @@ class LogCleaner:
             return None
         chosen, need, peak = picked
         chosen.sort(key=lambda s: (s.created, s.id))
+        self._count_chosen(chosen, 2)
         available = log.allocator.free_count(Pool.CLEANER) + log.allocator.free_count(Pool.DEFAULT)
         if need <= available:
             return _Cleaning(chosen, log.take_seglets(need), sequential=False)

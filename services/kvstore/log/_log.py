@@ -258,7 +258,6 @@ class Log:
             SEGMENT_HEADER_ENTRY_SIZE + log_digest_size(total) + SAFE_VERSION_ENTRY_SIZE
         )
         self.max_append_bytes = self.segment_size - self.metadata_bytes
-        self._min_head_seglets = -(-self.metadata_bytes // self.seglet_size) + 1
         full = total / self.seglets_per_segment
         self._disk_percent_per_segment = 100.0 / (full * config.disk_expansion_factor)
         if self.max_append_bytes < self.seglet_size // 2:
@@ -332,17 +331,25 @@ class Log:
         )
 
     def _open_head(self, pool: Pool, state: SegmentState) -> Segment:
-        """A new head with a full segment's seglets, or (DEFAULT pool) as many as are free.
+        """A new head: from DEFAULT, seglets for its metadata and one more; an emergency head
+        gets a full segment's seglets.
 
-        A head short of seglets grows as it fills (:meth:`_grow_head`), so the log does not
-        need a whole free segment to roll over: near full memory, the seglets the cleaner
-        frees a few at a time are usable at once.
+        A head grows a seglet at a time as it fills (:meth:`_grow_head`), so the log does not
+        need a whole free segment to roll over, and the balancer's memory use does not count
+        an empty head as full: taking a whole segment up front hid up to a segment of free
+        memory from it, memory that would otherwise hold dead bytes for the cleaner.
         """
-        seglets = self.allocator.alloc(pool, self.seglets_per_segment)
-        if seglets is None and pool is Pool.DEFAULT:
-            free = self.allocator.free_count(pool)
-            if free >= self._min_head_seglets:
-                seglets = self.allocator.alloc(pool, free)
+        if pool is Pool.DEFAULT:
+            # The digest names at most every segment there is, this head included.
+            meta = (
+                SEGMENT_HEADER_ENTRY_SIZE
+                + log_digest_size(len(self.segments) + 1)
+                + SAFE_VERSION_ENTRY_SIZE
+            )
+            want = min(self.seglets_per_segment, -(-meta // self.seglet_size) + 1)
+            seglets = self.allocator.alloc(pool, want)
+        else:
+            seglets = self.allocator.alloc(pool, self.seglets_per_segment)
         if seglets is None:
             raise LogFull("no seglets for a head segment")
         seg = self._new_segment(seglets, state)

@@ -32,6 +32,7 @@ IDX_AUX_BITS = 37
 IDX_AUX_MASK = (1 << IDX_AUX_BITS) - 1
 IDX_OFFSET_SHIFT = IDX_SHIFT + IDX_AUX_BITS  # 40: 24 bits of segment offset above
 _NO_HUGE_PAGES = getattr(mmap, "MADV_NOHUGEPAGE", None)
+FEW_RUNS = 32  # copy_runs cuts this many runs or fewer in plain Python
 
 
 def anonymous_zeros(nbytes: int, *, prefault: bool = False) -> np.ndarray:
@@ -72,10 +73,17 @@ def copy_runs(
     in ``bases`` (``src_first[r]``, ``dst_first[r]``). The runs are cut wherever either side
     crosses a seglet boundary, with numpy, and stretches that stay contiguous on both sides
     are merged, so the Python loop does nothing but slice copies.
+
+    A few runs (long live stretches of a dense segment) are cut in plain Python instead: the
+    numpy way costs ~40 calls, ~150 us whatever the size, three times the copying itself for
+    the ~10 runs of a 1 KB-object batch.
     """
     size = seglet_size
     count = len(length)
     if count == 0:
+        return
+    if count <= FEW_RUNS:
+        _copy_few_runs(arena, size, bases, src_first, src_off, dst_first, dst_off, length)
         return
     stream = np.cumsum(length) - length  # where each run starts in the copied stream
     total = int(stream[-1] + length[-1])
@@ -108,6 +116,67 @@ def copy_runs(
             dpos = dpos[keep]
     for a, b, c in zip(spos.tolist(), dpos.tolist(), n.tolist(), strict=True):
         arena[b : b + c] = arena[a : a + c]
+
+
+def _copy_few_runs(
+    arena: memoryview,
+    size: int,
+    bases: np.ndarray,
+    src_first: np.ndarray,
+    src_off: np.ndarray,
+    dst_first: np.ndarray,
+    dst_off: np.ndarray,
+    length: np.ndarray,
+) -> None:
+    """:func:`copy_runs` for a few runs: each cut where either side crosses a seglet, pieces
+    that stay contiguous on both sides merged, in plain Python."""
+    at = bases.tolist()
+    pa = pb = pn = 0  # the piece being extended: source and destination positions, length
+    for sf, so, df, do, n in zip(
+        src_first.tolist(),
+        src_off.tolist(),
+        dst_first.tolist(),
+        dst_off.tolist(),
+        length.tolist(),
+        strict=True,
+    ):
+        si, sr = divmod(so, size)
+        di, dr = divmod(do, size)
+        si += sf
+        di += df
+        a = at[si] + sr
+        b = at[di] + dr
+        s_left = size - sr  # bytes to the end of the current seglet on each side
+        d_left = size - dr
+        while n:
+            c = n if n <= s_left else s_left
+            if c > d_left:
+                c = d_left
+            if pn and a == pa + pn and b == pb + pn:
+                pn += c
+            else:
+                if pn:
+                    arena[pb : pb + pn] = arena[pa : pa + pn]
+                pa, pb, pn = a, b, c
+            n -= c
+            s_left -= c
+            d_left -= c
+            if s_left:
+                a += c
+            else:
+                si += 1
+                if n:
+                    a = at[si]
+                s_left = size
+            if d_left:
+                b += c
+            else:
+                di += 1
+                if n:
+                    b = at[di]
+                d_left = size
+    if pn:
+        arena[pb : pb + pn] = arena[pa : pa + pn]
 
 
 class Pool(enum.IntEnum):
@@ -168,7 +237,8 @@ class SegletAllocator:
         return any(seglet in free for free in self._free.values())
 
     def total_free(self) -> int:
-        return sum(len(v) for v in self._free.values())
+        free = self._free
+        return len(free[Pool.DEFAULT]) + len(free[Pool.CLEANER]) + len(free[Pool.EMERGENCY_HEAD])
 
     def alloc(self, pool: Pool, count: int) -> list[int] | None:
         """Take ``count`` seglets from ``pool``, or None (taking nothing) if it has fewer."""

@@ -17,6 +17,7 @@ from services.kvstore.log import (
     LogCleaner,
     LogDigestEntry,
     ObjectEntry,
+    Pool,
     SegmentState,
     TombstoneEntry,
     choose_task,
@@ -165,6 +166,72 @@ def test_tombstone_ratio_balancer(
     )
 
 
+def test_balancer_counts_the_reserves_as_unallocated_memory() -> None:
+    """Paper section 5.2: cleaning starts once unallocated seglets, of every pool, are at most
+    half of the free memory, both measured against all log memory. The reserves (an eighth of
+    this log) are part of that half, not on top of it."""
+    m = ObjectManager(CONFIG)
+    m.add_tablet(1)
+    log = m.log
+    pool = log.allocator
+    total = pool.total_seglets
+    starved = 2 * log.seglets_per_segment
+    for i in range(2000):  # overwrites of ten keys: memory fills with dead bytes
+        if pool.free_count(Pool.DEFAULT) <= starved + 4:
+            break
+        _write(m, b"k%d" % (i % 10), bytes([i % 251]) * 1000, 1e9)
+    free = pool.free_count(Pool.DEFAULT)
+    assert starved <= free <= starved + 4
+    t, live, tomb, disk = m.cleaner.utilizations()
+    assert t == pytest.approx(100.0 * (total - pool.total_free()) / total)
+    assert live == pytest.approx(100.0 * log.live_object_bytes / (total * log.seglet_size))
+    assert m.cleaner.next_task() is CleanerTask.SLEEP and not m.cleaner.wants_to_run()
+    # Measured against the DEFAULT pool alone, memory would count as low already.
+    default = pool.capacity(Pool.DEFAULT)
+    assert (
+        choose_task(
+            memory_utilization=100.0 * (default - free) / default,
+            live_utilization=100.0 * log.live_object_bytes / log.default_pool_bytes,
+            tombstone_utilization=tomb,
+            disk_utilization=disk,
+            compaction_enabled=True,
+            compaction_failed=False,
+        )
+        is CleanerTask.COMPACT
+    )
+    for i in range(40):  # fewer than two segments' seglets free: the cleaner must run
+        _write(m, b"k%d" % (i % 10), b"x" * 1000, 1e9)
+        if pool.free_count(Pool.DEFAULT) < starved:
+            break
+    assert pool.free_count(Pool.DEFAULT) < starved
+    assert m.cleaner.wants_to_run() and m.cleaner.next_task() is CleanerTask.COMPACT
+
+
+def test_cleaning_for_memory_ranks_segments_by_the_memory_they_hold() -> None:
+    """A head closed early holds few bytes, all live: on disk it looks cheap to clean (low
+    utilisation of the full segment), in memory cleaning it frees almost nothing. While the
+    backup log has room the cleaner cleans for memory, so a half-dead full segment of the same
+    age ranks first."""
+    m = ObjectManager(CONFIG, clock=TickingClock())
+    m.add_tablet(1)
+    log = m.log
+    for i in range(6):
+        _write(m, b"a%d" % i, b"a" * 1000, 1e9)
+    log.roll_over()  # as a cleaning commit does
+    for i in range(26):
+        _write(m, b"b%d" % i, b"b" * 1000, 1e9)
+    log.roll_over()
+    for i in range(0, 26, 2):  # half of the full segment dies (tombstones go to the head)
+        m.remove(1, b"b%d" % i)
+    short, full = sorted(log.cleanable_segments(), key=lambda s: s.created)
+    size = log.segment_size
+    assert short.live_bytes / size < full.live_bytes / size  # on disk: short is cheaper
+    assert short.live_bytes / short.allocated_bytes > full.live_bytes / full.allocated_bytes
+    assert log.disk_utilization() < 95
+    ranked = m.cleaner.ranked_for_cleaning(1e9)
+    assert ranked.index(full) < ranked.index(short)
+
+
 def test_cost_benefit_uses_segment_age_and_prefers_empty_and_old() -> None:
     size = 1000
     assert cleaning_score(0, size, 5.0) == math.inf
@@ -198,6 +265,8 @@ def test_compaction_shrinks_segments_in_memory_only() -> None:
     stats = m.stats().cleaner
     assert stats.compactions > 0
     assert stats.seglets_freed > 0
+    # chosen segments held dead bytes: their live bytes over the memory they held is below 1
+    assert 0 < stats.compacted_live_bytes < stats.compacted_allocated_bytes
     _model_check(m, model)
     # Compacted segments keep their ids, and backups are not told about compaction.
     compacted = [s for s in m.log.segments.values() if len(s.seglets) < CONFIG.seglets_per_segment]
@@ -409,7 +478,9 @@ def test_every_step_stays_within_its_work_budget(compaction: bool) -> None:
     step; the entries relocated and the survivor bytes a step causes are counted independently
     of the cleaner's own meter.
     """
-    config = attrs.evolve(BOUNDED, compaction_enabled=compaction)
+    # A low tombstone ratio makes combined cleaning run beside compaction: with the reserves
+    # counted as free memory (a quarter of this small log) compaction alone would keep up.
+    config = attrs.evolve(BOUNDED, compaction_enabled=compaction, tombstone_ratio=0.15)
     sink = SurvivorBytesSink()
     m = ObjectManager(config, replica_sink=sink, clock=JitterClock(3))
     sink.log = m.log

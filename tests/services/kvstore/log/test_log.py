@@ -264,27 +264,30 @@ def test_a_closed_segments_index_is_sealed_at_its_exact_size() -> None:
     assert sys.getsizeof(first.idx) - sys.getsizeof(array("Q")) == 8 * len(index)
 
 
-def test_a_head_grows_from_the_seglets_freed_a_few_at_a_time() -> None:
-    """With less than a segment free the log still rolls over, into a head that starts with
-    what is free and takes seglets as they come back (near full memory the cleaner frees a
-    few at a time, never a whole segment at once)."""
+def test_a_head_takes_seglets_as_it_fills() -> None:
+    """A head starts with the seglets for its metadata and one more and grows a seglet at a
+    time: an empty head does not count as used memory, a head can open with less than a
+    segment free, and near full memory the seglets the cleaner frees a few at a time are
+    used at once."""
     log = Log(SMALL)
     pool = log.allocator
+    assert len(log.head.seglets) == 2  # header, digest and safe version fit in one
+    log.roll_over()
+    first = log.head.id
+    assert len(log.head.seglets) == 2
     hog = pool.alloc(Pool.DEFAULT, pool.free_count(Pool.DEFAULT) - 3)  # held elsewhere
     assert hog is not None
-    first = log.head.id
     refs: list[int] = []
-    for _ in range(20):  # bounded: the old head fills, a short head opens and fills too
+    for _ in range(20):  # bounded: the head takes the three free seglets, then memory is out
         try:
             refs += log.append([_obj(b"k", b"x" * 3000)])
         except LogFull:
             break
     head = log.head
-    assert head.id != first and len(head.seglets) < log.seglets_per_segment
+    assert head.id == first and len(head.seglets) == 5 < log.seglets_per_segment
     assert pool.free_count(Pool.DEFAULT) == 0
-    assert any(r >> 24 == head.slot for r in refs)  # the short head took entries
+    assert sum(r >> 24 == head.slot for r in refs) == 6  # entries span seglets: 5 hold 6
     pool.free(hog[:2])
-    before = len(head.seglets)
     (ref,) = log.append([_obj(b"k", b"y" * 3000)])
-    assert log.head is head and len(head.seglets) > before  # grown, not rolled over
+    assert log.head is head and len(head.seglets) == 6  # grown, not rolled over
     assert ref >> 24 == head.slot and log.entry_at(ref)[3] > 3000

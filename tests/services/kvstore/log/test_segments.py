@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from services.kvstore.log import EntryType, Pool, SegletAllocator, Segment, SegmentState
 from services.kvstore.log._entries import build_object
 from services.kvstore.log._segments import PAGE_SIZE, anonymous_zeros
@@ -117,13 +119,15 @@ def test_anonymous_arrays_start_zeroed_and_writable() -> None:
         assert arr[-1] == 7
 
 
-def test_copy_runs_matches_a_byte_by_byte_copy() -> None:
-    """Many runs between scattered segments, cut at every seglet boundary on either side."""
+@pytest.mark.parametrize(("attempts", "longest"), [(12, 90), (30, 300), (400, 6)])
+def test_copy_runs_matches_a_byte_by_byte_copy(attempts: int, longest: int) -> None:
+    """Runs between scattered segments, cut at every seglet boundary on either side: a few
+    long ones (cut in Python) or many short ones (cut with numpy)."""
     import random
 
     import numpy as np
 
-    from services.kvstore.log._segments import copy_runs
+    from services.kvstore.log._segments import FEW_RUNS, copy_runs
 
     rng = random.Random(4)
     size = 64
@@ -139,10 +143,10 @@ def test_copy_runs_matches_a_byte_by_byte_copy() -> None:
     bases = np.array([b for bl in bases_lists for b in bl], dtype=np.int64)
     runs = []
     dst_cursor = {3: 5, 4: 0, 5: 100}
-    for _ in range(12):
+    for _ in range(attempts):
         src = rng.randrange(3)
         dst = rng.choice([3, 4, 5])
-        n = rng.randrange(1, 90)
+        n = rng.randrange(1, longest)
         if dst_cursor[dst] + n > 8 * size:
             continue
         so = rng.randrange(8 * size - n)
@@ -155,6 +159,7 @@ def test_copy_runs_matches_a_byte_by_byte_copy() -> None:
     for src, so, dst, do, n in runs:
         for i in range(n):
             expect[pos(dst, do + i)] = expect[pos(src, so + i)]
+    assert (len(runs) <= FEW_RUNS) is (attempts < FEW_RUNS)
     col = list(zip(*runs, strict=True))
     copy_runs(
         arena,
