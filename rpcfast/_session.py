@@ -517,6 +517,7 @@ class SessionCore:
         "outbox",
         "request_sink",
         "response_sink",
+        "send_now",
         "stats",
     )
 
@@ -533,6 +534,10 @@ class SessionCore:
         # receive, so they may call back into the core) instead of through ``events``
         self.request_sink: Callable[[RequestToken, memoryview], None] | None = None
         self.response_sink: Callable[[int, memoryview], None] | None = None
+        # when set, a single-datagram request or response is offered to it first (returns
+        # whether it took the datagram), skipping ``outbox``; only while ``outbox`` is empty,
+        # so datagrams still leave in order
+        self.send_now: Callable[[Addr, bytes], bool] | None = None
         self.stats = SessionStats()
         self._frag = (config.max_datagram - HEADER_SIZE) // 8 * 8
         self._max_in = config.max_datagram
@@ -600,8 +605,10 @@ class SessionCore:
                 ack = 0
             cid = self.client_id
             calls[seq] = _ClientRpc(peer, cid, seq, (small,), len(small), now)
-            head = _FAST.pack(_REQUEST_HEAD, len(small), cid, seq, ack << 48)
-            self.outbox.append((peer, (head + small,)))
+            datagram = _FAST.pack(_REQUEST_HEAD, len(small), cid, seq, ack << 48) + small
+            send_now = self.send_now
+            if send_now is None or self.outbox or not send_now(peer, datagram):
+                self.outbox.append((peer, (datagram,)))
             self.stats.datagrams_out += 1
             if self._tick_at is None:
                 self._tick_at = now + self._ri
@@ -695,8 +702,10 @@ class SessionCore:
             rpc.sent = total
             rpc.last_tx = now
             if small is not None:
-                head = _FAST.pack(_RESPONSE_HEAD, total, rpc.cid, seq, 0)
-                self.outbox.append((rpc.peer, (head + small,)))
+                datagram = _FAST.pack(_RESPONSE_HEAD, total, rpc.cid, seq, 0) + small
+                send_now = self.send_now
+                if send_now is None or self.outbox or not send_now(rpc.peer, datagram):
+                    self.outbox.append((rpc.peer, (datagram,)))
             else:
                 header = _HEADER.pack(_MAGIC, _ALL_DATA, 0, 0, total, rpc.cid, seq, 0, 0, 0)
                 self.outbox.append((rpc.peer, (header, *views)))

@@ -147,6 +147,7 @@ class UdpTransport(Transport):
         self.config = config
         self.core = core = SessionCore(config)
         core.response_sink = self._on_response
+        core.send_now = self._send_now
         self.sink = self._sink
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
@@ -311,6 +312,22 @@ class UdpTransport(Transport):
             except OSError as exc:  # unreachable peer, message too long: the core resends or aborts
                 self.send_errors += 1
                 log.debug("udp send to %s failed: %s", addr, exc)
+
+    def _send_now(self, addr: Any, datagram: bytes) -> bool:
+        """Send one datagram at once (the session core's common case, without ``outbox``);
+        False if the socket buffer is full (the core queues it then)."""
+        chan = self._channels.get(addr) if self._client_only else None
+        try:
+            if chan is not None:
+                chan.send(datagram)
+            else:
+                self._sendto(datagram, addr)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:  # unreachable peer: as in _flush, the core resends or aborts
+            self.send_errors += 1
+            log.debug("udp send to %s failed: %s", addr, exc)
+        return True
 
     def _resolve(self, peer: str) -> Any:
         addr = self._peers.get(peer)

@@ -441,6 +441,36 @@ def test_single_datagram_payloads_are_views_of_the_received_datagram() -> None:
     assert (kind, got_id, bytes(payload)) == (EV_RESPONSE, rpc_id, b"pong")
 
 
+def test_send_now_takes_single_datagrams_in_order_and_refusals_fall_back_to_outbox() -> None:
+    config = SessionConfig()
+    client, server = SessionCore(config, client_id=1), SessionCore(config, client_id=2)
+    sent: list[tuple[Any, bytes]] = []
+    accept = [True]
+
+    def send_now(peer: Any, datagram: bytes) -> bool:
+        if accept[0]:
+            sent.append((peer, datagram))
+        return accept[0]
+
+    client.send_now = server.send_now = send_now
+    first = client.call("S", [b"one"], 0.0)
+    assert not client.outbox and len(sent) == 1 and sent[0][0] == "S"
+    server.receive(sent[0][1], "C", 0.0)
+    _, token, _ = server.events.popleft()
+    server.reply(token, [b"pong"], 0.0)
+    assert not server.outbox and sent[1][0] == "C"
+    client.receive(sent[1][1], "S", 0.0)
+    assert client.events.popleft()[:2] == (EV_RESPONSE, first)
+    accept[0] = False  # a full socket buffer: queued instead
+    client.call("S", [b"two"], 0.0)
+    assert len(client.outbox) == 1 and len(sent) == 2
+    accept[0] = True  # while something is queued, later datagrams queue behind it
+    client.call("S", [b"three"], 0.0)
+    assert len(client.outbox) == 2 and len(sent) == 2
+    payloads = [b"".join(parts)[HEADER_SIZE:] for _, parts in client.outbox]
+    assert payloads == [b"two", b"three"]
+
+
 # -- failure, liveness -------------------------------------------------------------------------
 
 
