@@ -56,6 +56,7 @@ class Connection:
         self._closed = False
         self._call_spin = self.dispatcher.config.call_spin
         self._poll_once = self.dispatcher.poll_once
+        self._plans: dict[int, CallPlan] = {}  # by id() of cached, long-lived MethodSpecs
         self._caller = Caller(
             self.transport, self.peer, self.dispatcher.poller, self._call_spin, timeout
         )
@@ -159,36 +160,11 @@ class Connection:
         runs inside the dispatcher's poll when it ends. For servers that call other servers on
         their request path (a master replicating to backups) without a task switch. Cancel
         with :meth:`cancel`. The result body is valid only during the callback."""
-        if self._closed:
-            raise RuntimeError("connection is closed")
-        parts = method.params.encode_parts(params)
-        header = _wire.REQUEST.pack(spec.service_id, method.ordinal, 0)
-        pending = PendingCall()
-        results = method.results
-
-        def done(call: PendingCall) -> None:
-            if call.error is not None:
-                callback(None, call.error)
-                return
-            payload = call.payload
-            assert payload is not None
-            status, _flags, code = _wire.RESPONSE.unpack_from(payload)
-            if status != Status.OK:
-                message = bytes(payload[_wire.HEADER_SIZE :]).decode("utf-8", "replace")
-                error = RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message, code)
-                callback(None, error)
-                return
-            result = None
-            try:
-                result = results.decode(payload[_wire.HEADER_SIZE :])
-                callback(result, None)
-            finally:
-                if result is not None:
-                    result._release()
-
-        pending.callback = done
-        self.transport.call(self.peer, [header, *parts], pending)
-        return pending
+        plan = self._plans.get(id(method))
+        if plan is None:
+            header = _pack_request(spec.service_id, method.ordinal, 0)
+            plan = self._plans[id(method)] = CallPlan(header, method.params, method.results)
+        return self._caller.start(plan, params, callback)
 
     def cancel(self, pending: PendingCall) -> None:
         """Cancel a call made with :meth:`start`; its callback will not run."""

@@ -42,6 +42,35 @@ def remote_error(payload: memoryview, status: int, offset: int, code: int) -> Re
     return RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message, code)
 
 
+class Completion:
+    """The end of a callback-style call (:meth:`Caller.start`): decode the result, hand it
+    to the callback, release it."""
+
+    def __init__(self, plan: CallPlan, callback: Callable[[Any, Exception | None], None]) -> None:
+        self.plan = plan
+        self.callback = callback
+
+    def __call__(self, call: PendingCall) -> None:
+        error = call.error
+        if error is not None:
+            self.callback(None, error)
+            return
+        payload = call.payload
+        assert payload is not None
+        head = _unpack_response(payload)
+        status: int = head[0]
+        if status != _STATUS_OK:
+            self.callback(None, remote_error(payload, status, _HEADER_SIZE, head[2]))
+            return
+        result = None
+        try:
+            result = self.plan.decode(payload[_HEADER_SIZE:])
+            self.callback(result, None)
+        finally:
+            if result is not None:
+                result._release()
+
+
 class Caller:
     """A connection's untraced call path (``rpcfast._client.Connection`` owns one)."""
 
@@ -89,6 +118,21 @@ class Caller:
             if not pending.done:
                 return pending
         return self.finish(plan, pending)
+
+    def start(
+        self, plan: CallPlan, params: Any, callback: Callable[[Any, Exception | None], None]
+    ) -> PendingCall:
+        """Send a call whose end runs ``callback`` inside the dispatcher's poll."""
+        if self.closed:
+            raise RuntimeError("connection is closed")
+        if params is None and plan.params_empty:
+            message: list[Any] = [plan.header]
+        else:
+            message = [plan.header, *plan.encode_parts(params)]
+        pending = PendingCall()
+        pending.callback = Completion(plan, callback)
+        self.transport.call(self.peer, message, pending)
+        return pending
 
     def finish(self, plan: CallPlan, pending: PendingCall) -> Any:
         """The result of a finished call (or raise its error)."""

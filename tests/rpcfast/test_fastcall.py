@@ -90,3 +90,22 @@ def test_closed_caller_refuses() -> None:
     c.closed = True
     with pytest.raises(RuntimeError):
         c.call(plan(PING), None, None)
+
+
+def test_callback_calls_report_results_and_errors_to_their_callback() -> None:
+    body = b"".join(ECHO.results.encode_parts({"data": b"cb"}))
+    error = _wire.RESPONSE.pack(Status.APPLICATION_ERROR, 0, 5) + b"bad"
+    transport = ScriptedTransport([ok(body), error, PeerDead("gone"), None])
+    c = caller(transport)
+    seen: list[tuple[Any, Any]] = []
+
+    def callback(result: Any, exc: Exception | None) -> None:
+        seen.append((None if result is None else bytes(result.data), exc))
+
+    for _ in range(3):
+        assert c.start(plan(ECHO), {"data": b"in"}, callback).done
+    running = c.start(plan(ECHO), {"data": b"in"}, callback)
+    assert not running.done and len(seen) == 3
+    assert seen[0] == (b"cb", None)
+    assert isinstance(seen[1][1], RemoteError) and seen[1][1].code == 5
+    assert isinstance(seen[2][1], PeerDead)
