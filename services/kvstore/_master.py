@@ -16,9 +16,12 @@ process is a usable store; in a cluster the coordinator owns tables and assigns 
 from __future__ import annotations
 
 import json
+import struct
+import sys
 import time
+from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import trio
@@ -54,6 +57,88 @@ def _outcome(error: KvError) -> dict[str, Any]:
     return {"status": int(error.status), "message": error.message}
 
 
+def _layout_of(schema: Any) -> tuple[int, int, dict[str, int]]:
+    """(data words, pointers, slot offset by field name) of a struct schema."""
+    node = schema.node.struct
+    return (
+        node.dataWordCount,
+        node.pointerCount,
+        {f.proto.name: f.proto.slot.offset for f in schema.fields_list},
+    )
+
+
+_OUT_DATA, _OUT_PTRS, _OUT_SLOTS = _layout_of(kv_capnp.Outcome.schema)
+_OUT_WORDS = _OUT_DATA + _OUT_PTRS
+_OUT_VERSION = _OUT_SLOTS["version"]  # a 64-bit slot: its word in the data section
+# The results struct (outcomes :List(Outcome)): no data, one pointer, right after the root.
+_RESULTS_ROOT = 1 << 48  # struct pointer, offset 0, 0 data words, 1 pointer
+_OUT_TAG_HIGH = (_OUT_DATA | _OUT_PTRS << 16) << 32
+
+
+class _Versions:
+    """A multi-op's results when every item succeeded with a version (the common case),
+    encoded straight into one Cap'n Proto segment: rpcfast takes it as a result builder.
+
+    The generic encoder fills 100 outcome structs field by field (~5,800 instructions each);
+    here the versions land in a zeroed word array with one strided slice assignment."""
+
+    __slots__ = ("versions",)
+
+    def __init__(self, versions: list[int]) -> None:
+        self.versions = versions
+
+    def to_segments(self) -> list[bytes]:
+        versions = self.versions
+        n = len(versions)
+        words = array("Q", bytes(8 * (3 + n * _OUT_WORDS)))
+        words[0] = _RESULTS_ROOT
+        words[1] = (n * _OUT_WORDS << 3 | 7) << 32 | 1  # composite list right after it
+        words[2] = _OUT_TAG_HIGH | n << 2  # the tag word: element count and struct size
+        words[3 + _OUT_VERSION :: _OUT_WORDS] = array("Q", versions)
+        if sys.byteorder != "little":
+            words.byteswap()
+        return [words.tobytes()]
+
+
+_READ_RESULTS = struct.Struct("<QQII")  # root pointer, version, value's pointer
+_READ_ROOT = (1 | 1 << 16) << 32  # struct pointer, offset 0, 1 data word, 1 pointer
+_PAD = [b"", *(bytes(8 - r) for r in range(1, 8))]
+_READ_LAYOUT = _layout_of(kv_capnp.Master.schema.methods["read"].result_type)
+# read's results are (value :Data, version :UInt64): the one data word and the one pointer
+_READ_DIRECT = _READ_LAYOUT == (1, 1, {"value": 0, "version": 0}) and sys.byteorder == "little"
+
+
+class _ReadResult:
+    """``read``'s results encoded straight into one segment (rpcfast takes it as a result
+    builder): ~2,000 instructions where the generic encoder takes ~13,000. The value, a view
+    of log memory, is copied into the segment when rpcfast encodes the reply, right after
+    the handler returns, as with a dict."""
+
+    __slots__ = ("value", "version")
+
+    def __init__(self, value: memoryview, version: int) -> None:
+        self.value = value
+        self.version = version
+
+    def to_segments(self) -> list[bytes]:
+        value = self.value
+        n = len(value)
+        head = _READ_RESULTS.pack(_READ_ROOT, self.version, 1, n << 3 | 2)
+        return [head + value + _PAD[n & 7]]
+
+
+def _versions_outcomes(results: list[int | KvError]) -> Any:
+    """Per-item outcomes of a batch whose successes carry a version."""
+    for r in results:
+        if r.__class__ is not int:
+            break
+    else:
+        return _Versions(cast(list[int], results))
+    return {
+        "outcomes": [_outcome(r) if isinstance(r, KvError) else {"version": r} for r in results]
+    }
+
+
 @attrs.define
 class MasterCounters:
     reads: int = 0
@@ -83,16 +168,24 @@ class MasterService(rpcfast.Service, interface=kv_capnp.Master):
 
     # -- single objects --------------------------------------------------------------------------
     @rpcfast.fast
-    def read(self, request: Any) -> dict[str, Any]:
+    def read(self, request: Any) -> Any:
         self.counters.reads += 1
-        value, version = self.objects.read(request.tableId, request.key, rules_from(request))
+        value, version = self.objects.read(
+            request.tableId, request.key, rules_from(request) if request.hasRules else None
+        )
+        if _READ_DIRECT:
+            return _ReadResult(value, version)
         return {"value": value, "version": version}
 
     @rpcfast.fast
     def write(self, request: Any) -> Any:
         self.counters.writes += 1
         version = self._retrying(
-            self.objects.write, request.tableId, request.key, request.value, rules_from(request)
+            self.objects.write,
+            request.tableId,
+            request.key,
+            request.value,
+            rules_from(request) if request.hasRules else None,
         )
         return self._durable({"version": version})
 
@@ -162,14 +255,17 @@ class MasterService(rpcfast.Service, interface=kv_capnp.Master):
 
     @rpcfast.fast
     def multiWrite(self, request: Any) -> Any:
-        return self._durable_batch(
-            request.items,
-            lambda it: {
-                "version": self._retrying(
-                    self.objects.write, it.tableId, it.key, it.value, rules_from(it)
-                )
-            },
-        )
+        items = request.items
+        self.counters.multi_items += len(items)
+        batch = [
+            (it.tableId, it.key, it.value, rules_from(it) if it.hasRules else None) for it in items
+        ]
+        return self._durable(_versions_outcomes(self.objects.multi_write(batch, self._clean)))
+
+    def _clean(self) -> None:
+        """Memory full in a batch: one cleaner slice before its item is tried again."""
+        self.counters.retries += 1
+        self.objects.cleaner.step(CLEANER_SLICE, self.objects._clock())
 
     @rpcfast.fast
     def multiRemove(self, request: Any) -> Any:
