@@ -410,6 +410,31 @@ class BackupStore:
             return
         await self._group_commit()
 
+    def append_nowait(self, master_id: int, segment_id: int, offset: int, data: Buffer) -> bool:
+        """Buffered mode's common write, cheaply: bytes right at the end of an open replica in
+        memory, from a listed master, within the segment. Returns False, changing nothing, for
+        anything else (then :meth:`write_nowait` applies it or says what is wrong).
+
+        Every durable write of a master waits for R of these, so this path is kept short.
+        """
+        replica = self._replicas.get((master_id, segment_id))
+        if replica is None or replica.closed or replica.length != offset or self._fsync:
+            return False
+        buffer = replica.buffer
+        members = self._members
+        if buffer is None or (members is not None and master_id not in members):
+            return False
+        end = offset + len(data)
+        if end <= offset or end > len(buffer):
+            return False
+        try:
+            buffer[offset:end] = data
+        except (TypeError, ValueError):  # not a flat byte buffer: the general path casts it
+            return False
+        replica.length = end
+        self._writes += 1
+        return True
+
     def _reject(self, status: Status, message: str) -> rpcfast.ServiceError:
         self._rejected_writes += 1
         return backup_error(status, message)
@@ -807,7 +832,16 @@ class BackupService(_BackupHandlers, interface=cluster_capnp.Backup):
 
     @rpcfast.fast
     def writeSegment(self, request: rpcfast.Body) -> None:
-        self.store.write_nowait(
+        store = self.store
+        if (
+            not request.open
+            and not request.close
+            and store.append_nowait(
+                request.masterId, request.segmentId, request.offset, request.data
+            )
+        ):
+            return
+        store.write_nowait(
             request.masterId,
             request.segmentId,
             request.offset,

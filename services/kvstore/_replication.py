@@ -11,8 +11,15 @@ the only clock: RPC timeouts, retry back-off and sync deadlines.
 Fault handling is convergence (STYLE.md): each segment has a *desired* state (bytes queued,
 close queued, free queued, R replicas) and each replica an *acknowledged* state (open, bytes,
 closed). ``_converge`` compares them after every event (a sink call, an RPC ending, a server
-list, a timer tick) and starts whatever RPCs move them closer. No code path assumes an RPC
-succeeds: a failed RPC drops the replica, and the next ``_converge`` places a new one.
+list, a timer tick) and starts whatever RPCs move them closer; the one event it skips is an
+acknowledgement that leaves its replica up to date and commits nothing (the first R - 1 acks of
+a write), which cannot let anything else move. No code path assumes an RPC succeeds: a failed
+RPC drops the replica, and the next ``_converge`` places a new one.
+
+A durable write is an append, R writeSegment RPCs started back to back in one pass (no task
+switch: they leave before the dispatcher polls again), and R acks: two converge passes in all
+(the append's and the committing ack's), each one loop over the replicas; the bytes of a small
+write are copied once for the R replicas.
 
 Rules:
 
@@ -66,6 +73,8 @@ _BACKUP = interface_spec(cluster_capnp.Backup)
 _WRITE = _BACKUP.by_name["writeSegment"]
 _FREE = _BACKUP.by_name["freeSegment"]
 _FREE_ATTEMPTS = 3
+# writes shorter than this send a bytes copy (shared by the replicas); longer ones a view
+_SMALL_WRITE = 4096
 _clock = time.monotonic
 
 
@@ -157,6 +166,8 @@ class _Segment:
     # backups holding an abandoned replica of this segment, being freed there
     discarding: set[int] = attrs.Factory(set)
     lost: int = 0  # replicas lost so far: later placements are replacements
+    # the last small write's bytes (start, end, copy): the R replicas usually send the same range
+    chunk: tuple[int, int, bytes] | None = None
 
     def is_committed(self, length: int, close: bool) -> bool:
         return (
@@ -196,7 +207,11 @@ class _Waiter:
     freeing: _Segment | None = None
 
     def satisfied(self) -> bool:
-        return all(seg.is_committed(length, close) for seg, length, close in self.need)
+        # (a loop, not all() over a generator: this is checked on every commit)
+        for seg, length, close in self.need:  # noqa: SIM110
+            if not seg.is_committed(length, close):
+                return False
+        return True
 
 
 def _slice_views(views: Sequence[Buffer], start: int, end: int) -> Buffer | None:
@@ -353,11 +368,11 @@ class ReplicaManager:
         seg.close_after = [s for s in self._opening.values() if s.seq > seg.seq]
 
     def _uncommitted(self) -> list[tuple[_Segment, int, bool]]:
-        return [
-            (seg, seg.length, seg.closed)
-            for seg in self._active.values()
-            if not seg.free_requested and not seg.fully_committed()
-        ]
+        need = []
+        for seg in self._active.values():
+            if not seg.free_requested and not seg.fully_committed():
+                need.append((seg, seg.length, seg.closed))
+        return need
 
     # -- membership ----------------------------------------------------------------------------
     def set_backups(self, backups: Sequence[tuple[int, str]]) -> None:
@@ -468,25 +483,41 @@ class ReplicaManager:
                 if seg.lost:
                     self._replacements += 1
         close_ok = seg.closed and self._close_allowed(seg)
+        # One pass (this runs on every append and every ack): a replica with an RPC in flight
+        # or still behind keeps the segment active; one that is done needs nothing unless its
+        # segment is being freed. (A copy: _advance may drop the replica it advances.)
+        busy = False
+        length = seg.length
         for rep in list(seg.replicas):
-            if rep.call is None and not seg.removed:
+            if rep.call is not None:
+                busy = True
+            elif (
+                rep.opened
+                and rep.acked >= length
+                and (rep.closed or not close_ok)
+                and not seg.free_ready
+            ):
+                continue
+            elif not seg.removed:
+                busy = True
                 self._advance(seg, rep, close_ok, now)
         if seg.free_requested and not seg.replicas and not seg.discarding:
             seg.removed = True
             self._segments.pop(seg.id, None)
             seg.buf = bytearray()
+            seg.chunk = None
             return False
         self._trim(seg)
-        if seg.discarding or seg.free_requested or (seg.closed and not close_ok):
-            return True
-        if len(seg.replicas) < r:
-            return True
-        for rep in seg.replicas:  # (a loop, not any()/all(): this runs on every ack)
-            if rep.call is not None or not self._replica_done(seg, rep, close_ok):
-                return True
-        return False
+        return (
+            busy
+            or seg.free_requested
+            or bool(seg.discarding)
+            or (seg.closed and not close_ok)
+            or len(seg.replicas) < r
+        )
 
-    def _replica_done(self, seg: _Segment, rep: _Replica, close_ok: bool) -> bool:
+    @staticmethod
+    def _replica_done(seg: _Segment, rep: _Replica, close_ok: bool) -> bool:
         return rep.opened and rep.acked >= seg.length and (rep.closed or not close_ok)
 
     def _close_allowed(self, seg: _Segment) -> bool:
@@ -498,16 +529,20 @@ class ReplicaManager:
         return True
 
     def _advance(self, seg: _Segment, rep: _Replica, close_ok: bool, now: float) -> None:
-        """Start the next RPC this replica needs, if any (it has none in flight)."""
-        done = self._replica_done(seg, rep, close_ok)
-        if seg.free_ready and (rep.freeing or (done and close_ok)):
-            if rep.backup_id in self._backups and rep.free_attempts < _FREE_ATTEMPTS:
-                self._start_free(seg, rep, now)
-            else:
-                seg.replicas.remove(rep)
-            return
-        if done:
-            return
+        """Start the next RPC this replica needs, if any (it has none in flight).
+
+        (_converge_segment calls it only for a replica that is behind, or while freeing.)
+        """
+        if seg.free_ready:
+            done = self._replica_done(seg, rep, close_ok)
+            if rep.freeing or (done and close_ok):
+                if rep.backup_id in self._backups and rep.free_attempts < _FREE_ATTEMPTS:
+                    self._start_free(seg, rep, now)
+                else:
+                    seg.replicas.remove(rep)
+                return
+            if done:
+                return
         start = rep.acked if rep.opened else 0
         end = min(seg.length, start + self._max_write)
         close = close_ok and end == seg.length
@@ -523,6 +558,17 @@ class ReplicaManager:
                 return
             self._start_write(seg, rep, start, end, close, data, from_log=True, now=now)
             return
+        if end - start < _SMALL_WRITE:
+            # bytes, made once for the R replicas: the params encoder copies bytes inline
+            cached = seg.chunk
+            if cached is not None and cached[0] == start and cached[1] == end:
+                small = cached[2]
+            else:
+                base = seg.base
+                small = bytes(seg.buf[start - base : end - base])
+                seg.chunk = (start, end, small)
+            self._start_write(seg, rep, start, end, close, small, from_log=False, now=now)
+            return
         with memoryview(seg.buf) as whole, whole[start - seg.base : end - seg.base] as chunk:
             self._start_write(seg, rep, start, end, close, chunk, from_log=False, now=now)
 
@@ -530,17 +576,22 @@ class ReplicaManager:
         """Drop copied bytes that every replica fed from the copy has acknowledged."""
         if not seg.buf:
             return  # (the copy holds [base, length): nothing to drop, base is the length)
-        # where each replica's next write starts (an unopened one's open may be in flight)
-        fed = [rep.acked for rep in seg.replicas if rep.acked >= seg.base]
-        if not fed:
+        # where each replica's next write starts (an unopened one's open may be in flight);
+        # the lowest of those at or past base (a plain loop: this runs on every ack)
+        base = seg.base
+        upto = -1
+        for rep in seg.replicas:
+            acked = rep.acked
+            if acked >= base and (upto < 0 or acked < upto):
+                upto = acked
+        if upto < 0:
             if seg.free_requested or (seg.closed and seg.fully_committed()):
                 # closed and on R backups (or being freed): replacements read the log
                 seg.base = seg.length
                 seg.buf = bytearray()
             return
-        upto = min(fed)
-        if upto > seg.base:
-            del seg.buf[: upto - seg.base]
+        if upto > base:
+            del seg.buf[: upto - base]
             seg.base = upto
 
     def _choose(self, seg: _Segment, now: float) -> int | None:
@@ -575,23 +626,14 @@ class ReplicaManager:
         from_log: bool,
         now: float,
     ) -> None:
-        call = _Call(
-            "write",
-            seg,
-            rep,
-            rep.backup_id,
-            now,
-            end=end,
-            open=not rep.opened,
-            close=close,
-            from_log=from_log,
-        )
+        opening = not rep.opened
+        call = _Call("write", seg, rep, rep.backup_id, now, end, opening, close, from_log)
         params = {
             "masterId": self.master_id,
             "segmentId": seg.id,
             "offset": start,
             "data": data,
-            "open": not rep.opened,
+            "open": opening,
             "close": close,
             "primary": rep.primary,
         }
@@ -621,8 +663,8 @@ class ReplicaManager:
         self._calls.add(call)
 
         def done(_result: Any, error: Exception | None) -> None:
-            self._finish(call, error)
-            self._converge()
+            if self._finish(call, error):
+                self._converge()
 
         try:
             pending = self._conn(call.backup_id).start(_BACKUP, method, params, done)
@@ -644,10 +686,15 @@ class ReplicaManager:
         # a cancelled discard ends here: its callback will not run
         self._finish(call, rpcfast.RpcTimeout("cancelled"))
 
-    def _finish(self, call: _Call, error: Exception | None) -> None:
-        """An RPC ended (or was given up on): fold the outcome into the replica's state."""
+    def _finish(self, call: _Call, error: Exception | None) -> bool:
+        """An RPC ended (or was given up on): fold the outcome into the replica's state.
+
+        Returns False only when a converge would find nothing to do: a write acknowledged by a
+        replica that is now up to date, with nothing committed by it (the first R - 1 acks of
+        each write), so no other replica, segment or waiter can move.
+        """
         if call.finished:
-            return
+            return False
         call.finished = True
         self._calls.discard(call)
         if call.from_log:
@@ -656,17 +703,17 @@ class ReplicaManager:
         if call.kind == "discard":
             seg.discarding.discard(call.backup_id)
             self._active[seg.id] = seg
-            return
+            return True
         assert rep is not None
         if rep.call is not call:
-            return  # the replica was dropped meanwhile
+            return True  # the replica was dropped meanwhile
         rep.call = None
         self._active[seg.id] = seg
         if call.kind == "free":
             if error is None:
                 seg.replicas.remove(rep)
             # else the next converge tries again (a few times, while the backup is listed)
-            return
+            return True
         if error is not None:
             self._failures += 1
             log.info(
@@ -680,12 +727,22 @@ class ReplicaManager:
             # a refusal created nothing; after a timeout or a lost peer the replica may exist
             refused = isinstance(error, rpcfast.RemoteError) and call.open
             self._drop(seg, rep, discard=rep.opened or not refused)
-            return
+            return True
         rep.opened = True
         rep.acked = call.end
         if call.close:
             rep.closed = True
+        committed, committed_close = seg.committed, seg.committed_close
         self._update_committed(seg)
+        return (
+            call.from_log  # (a recovery write's slot is free: a waiting one may start)
+            or seg.committed != committed
+            or seg.committed_close != committed_close
+            or rep.acked < seg.length
+            or (seg.closed and not rep.closed)
+            or seg.free_requested
+            or len(seg.replicas) < self.replicas  # (placing the missing one may work now)
+        )
 
     def _avoid(self, backup_id: int) -> None:
         self._avoid_until[backup_id] = _clock() + self._retry_delay
@@ -709,18 +766,27 @@ class ReplicaManager:
 
     def _update_committed(self, seg: _Segment) -> None:
         r = self.replicas
-        acked = [rep.acked for rep in seg.replicas if rep.opened]
-        if len(acked) >= r:
-            if len(acked) > r:  # (a replacement catching up beside R others)
-                acked.sort(reverse=True)
+        replicas = seg.replicas
+        # (plain loops: this runs on every ack; the usual case is exactly R opened replicas)
+        opened = 0
+        level = -1
+        closed = 0
+        for rep in replicas:
+            if rep.opened:
+                opened += 1
+                if level < 0 or rep.acked < level:
+                    level = rep.acked
+                if rep.closed:
+                    closed += 1
+        if opened >= r:
+            if opened > r:  # (a replacement catching up beside R others)
+                acked = sorted((rep.acked for rep in replicas if rep.opened), reverse=True)
                 level = acked[r - 1]
-            else:
-                level = min(acked)
             if level > seg.committed:
                 seg.committed = level
                 self._opening.pop(seg.id, None)
         # (a replica is closed only after its segment is)
-        if seg.closed and not seg.committed_close and sum(rep.closed for rep in seg.replicas) >= r:
+        if seg.closed and not seg.committed_close and closed >= r:
             seg.committed_close = True
 
     # -- waiters -------------------------------------------------------------------------------

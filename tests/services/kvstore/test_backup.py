@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rpcfast
+from rpcfast._schema import interface_spec
 from services.kvstore._backup import (
     BackupConfig,
     BackupService,
@@ -270,6 +271,87 @@ async def test_append_rules_match_a_model(ops: list[tuple[int, int, bool, bool]]
         if content is not None:
             assert store.list_replicas(M)[0].length == len(content)
             assert await store.read(M, 1) == (content, False)
+
+
+# -- the append fast path ----------------------------------------------------------------------
+async def test_append_nowait_takes_only_the_plain_append(tmp_path: Path) -> None:
+    async with store_at(tmp_path) as store:
+        store.write_nowait(M, 1, 0, b"head", open=True)
+        assert store.append_nowait(M, 1, 4, memoryview(b"-tail"))
+        assert store.append_nowait(M, 1, 9, b"!")
+        assert await store.read(M, 1) == (b"head-tail!", False)
+        assert store.stats().writes == 3
+        store.write_nowait(M, 2, 0, b"x", open=True)
+        store.write_nowait(M, 2, 1, b"", close=True)
+        before = store.stats()
+        # everything else is left to write_nowait, untouched: it decides or raises
+        refused: list[tuple[int, int, int, Any]] = [
+            (M, 9, 0, b"unknown segment"),
+            (M, 1, 20, b"gap"),
+            (M, 1, 2, b"ad-"),  # a duplicate of held bytes
+            (M, 1, 10, b""),  # nothing to append
+            (M, 1, 10, bytes(SEGMENT)),  # past the segment's end
+            (M, 1, 10, memoryview(b"\0\0\0\0").cast("I")),  # not bytes
+            (M, 2, 1, b"after the close"),
+        ]
+        for master, segment, offset, data in refused:
+            assert not store.append_nowait(master, segment, offset, data)
+        store.set_server_list(1, [M + 1])
+        assert not store.append_nowait(M, 1, 10, b"fenced")
+        assert store.stats() == before
+        assert await store.read(M, 1) == (b"head-tail!", False)
+    async with store_at(tmp_path / "fsync", durability="fsync") as fsync_store:
+        await fsync_store.write(M, 1, 0, b"head", open=True)
+        assert not fsync_store.append_nowait(M, 1, 4, b"more")  # acks wait for a sync there
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 40), st.integers(0, 12), st.booleans(), st.booleans(), st.booleans()
+        ),
+        max_size=25,
+    ),
+)
+async def test_service_fast_path_matches_write_nowait(
+    ops: list[tuple[int, int, bool, bool, bool]],
+) -> None:
+    """The buffered service's handler (fast path first) leaves the store exactly as
+    write_nowait alone does, and raises the same errors."""
+    stream = bytes(range(256))
+    plain = BackupStore(BackupConfig(directory="/nonexistent", segment_size=48))
+    served = BackupStore(BackupConfig(directory="/nonexistent", segment_size=48))
+    service = BackupService(served)
+    for offset, size, corrupt, open_, close in ops:
+        data = bytearray(stream[offset : offset + size])
+        if corrupt and data:
+            data[0] ^= 0xFF
+        fields = {"masterId": M, "segmentId": 1, "offset": offset, "data": bytes(data)}
+        expected = _outcome(plain.write_nowait, M, 1, offset, bytes(data), open=open_, close=close)
+        request = _request(**fields, open=open_, close=close)
+        assert _outcome(service.writeSegment, request) == expected
+        assert plain.list_replicas(M) == served.list_replicas(M)
+        if plain.list_replicas(M):
+            assert await plain.read(M, 1) == await served.read(M, 1)
+        assert plain.stats() == served.stats()
+
+
+def _outcome(write: Callable[..., None], *args: Any, **kwargs: Any) -> int | None:
+    """The error code a write raises, None if it is accepted."""
+    try:
+        write(*args, **kwargs)
+    except rpcfast.ServiceError as exc:
+        return exc.code
+    return None
+
+
+def _request(**fields: Any) -> rpcfast.Body:
+    """A writeSegment request as the server hands it to the handler (decoded from the wire)."""
+    params = interface_spec(cluster_capnp.Backup).by_name["writeSegment"].params
+    body = params.decode(memoryview(b"".join(params.encode_parts(fields))))
+    assert body is not None
+    return body
 
 
 # -- fsync mode --------------------------------------------------------------------------------
