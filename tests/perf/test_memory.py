@@ -164,6 +164,11 @@ def test_worker_run_reports_consistent_row(system: str) -> None:
     assert row["utilization_net"] == pytest.approx(live / (rss - base))
     if system == "kvstore":
         assert int(row["log_live_bytes"] or 0) > live  # entry headers on top of key+value
+        # Every live object has its word in some segment's entry index.
+        assert int(row["index_bytes"] or 0) >= 8 * int(row["objects"] or 0)
+        parts = int(row["arena_bytes"] or 0) + int(row["hash_table_bytes"] or 0)
+        parts += int(row["index_bytes"] or 0)
+        assert row["heap_growth_bytes"] == rss - base - parts
 
 
 def test_redis_run_reports_consistent_row() -> None:

@@ -6,8 +6,11 @@ Entry layout (MSB to LSB, as in RAMCloud's ``HashTable``): 16-bit secondary hash
 compares keys. A full bucket's last entry becomes a chain pointer (chain bit set, reference
 field = bucket number) to a bucket in a growable overflow area, so an insert never fails.
 The main area never resizes, which keeps enumeration cursors (bucket numbers) stable across
-writes and cleaning. Overflow buckets are not given back once empty; later inserts reuse their
-free slots.
+writes and cleaning. An overflow bucket that empties at the end of its chain is unlinked and
+kept for reuse: under churn nearly every bucket passes nine entries at some moment, so keeping
+them all would cost about half the main area again (W1: 1 MB beside a 2 MB main area) where
+only the few buckets over eight *now* need one. Unlinking moves no live entry, so slots stay
+valid.
 
 The entries live in numpy arrays (for the whole-table sweeps), but the per-request paths read a
 bucket with one ``struct.unpack_from`` into a tuple of Python ints and write single entries
@@ -18,6 +21,7 @@ searched in C (``in``, ``index``).
 from __future__ import annotations
 
 import struct
+from array import array
 
 import numpy as np
 
@@ -56,7 +60,10 @@ class HashTable:
         self._main_mv = self._main.data
         self._ovf = np.zeros(4 * ENTRIES_PER_BUCKET, dtype=np.uint64)
         self._ovf_mv = self._ovf.data
-        self._ovf_used = 0
+        self._ovf_used = 0  # overflow buckets in chains
+        self._ovf_top = 0  # overflow buckets ever handed out (the area's high-water mark)
+        self._ovf_free: list[int] = []  # unlinked overflow buckets below _ovf_top
+        self._ovf_prev = array("Q")  # per overflow bucket: the bucket whose chain slot names it
         self._main_entries = num_buckets * ENTRIES_PER_BUCKET
         self.count = 0
 
@@ -68,8 +75,9 @@ class HashTable:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of table memory in use (main area plus used overflow buckets)."""
-        return self._main.nbytes + self._ovf_used * BUCKET_BYTES
+        """Bytes of table memory held: the main area plus the overflow area's buckets up to
+        its high-water mark (unlinked ones included: they stay resident for reuse)."""
+        return self._main.nbytes + self._ovf_top * BUCKET_BYTES
 
     @property
     def overflow_buckets(self) -> int:
@@ -132,8 +140,25 @@ class HashTable:
         if slot < self._main_entries:
             self._main_mv[slot] = 0
         else:
-            self._ovf_mv[slot - self._main_entries] = 0
+            i = slot - self._main_entries
+            self._ovf_mv[i] = 0
+            self._release_if_empty(i // ENTRIES_PER_BUCKET)
         self.count -= 1
+
+    def _release_if_empty(self, ovf: int) -> None:
+        """Unlink overflow bucket ``ovf`` (area-relative) if all its slots are empty, then its
+        predecessor likewise. An empty bucket holds no chain pointer, so it ends its chain;
+        its predecessor's chain slot becomes a free slot. No live entry moves."""
+        mv = self._ovf_mv
+        while not any(_BUCKET.unpack_from(mv, ovf * BUCKET_BYTES)):
+            prev = self._ovf_prev[ovf]
+            pmv, first = self._area(prev)
+            pmv[first + _LAST] = 0
+            self._ovf_free.append(ovf)
+            self._ovf_used -= 1
+            if prev < self.num_buckets:
+                return
+            ovf = prev - self.num_buckets
 
     def contains(self, key_hash: int, ref: int) -> bool:
         return self._find(key_hash, ref) is not None
@@ -172,7 +197,7 @@ class HashTable:
             mv, first = self._area(bucket)
         # Every slot of the chain is full: hang a new overflow bucket off the last one. The
         # overflow area may be reallocated here, so views are taken again afterwards.
-        new_bucket = self._new_overflow_bucket()
+        new_bucket = self._new_overflow_bucket(bucket)
         new_mv, new_first = self._area(new_bucket)
         mv, first = self._area(bucket)
         new_mv[new_first] = mv[first + _LAST]
@@ -180,15 +205,22 @@ class HashTable:
         mv[first + _LAST] = CHAIN_BIT | new_bucket
         self.count += 1
 
-    def _new_overflow_bucket(self) -> int:
-        if (self._ovf_used + 1) * ENTRIES_PER_BUCKET > len(self._ovf):
+    def _new_overflow_bucket(self, prev: int) -> int:
+        """An empty overflow bucket (a reused one first) to hang off bucket ``prev``."""
+        self._ovf_used += 1
+        if self._ovf_free:
+            ovf = self._ovf_free.pop()
+            self._ovf_prev[ovf] = prev
+            return self.num_buckets + ovf
+        if (self._ovf_top + 1) * ENTRIES_PER_BUCKET > len(self._ovf):
             grown = np.zeros(2 * len(self._ovf), dtype=np.uint64)
             grown[: len(self._ovf)] = self._ovf
             self._ovf = grown
             self._ovf_mv = grown.data
-        bucket = self.num_buckets + self._ovf_used
-        self._ovf_used += 1
-        return bucket
+        ovf = self._ovf_top
+        self._ovf_top += 1
+        self._ovf_prev.append(prev)
+        return self.num_buckets + ovf
 
     def replace(self, key_hash: int, old_ref: int, new_ref: int) -> bool:
         """Compare-and-swap: point the entry for ``old_ref`` at ``new_ref``; False if absent."""
@@ -213,6 +245,8 @@ class HashTable:
             return False
         mv, i = found
         mv[i] = 0
+        if mv is self._ovf_mv:
+            self._release_if_empty(i // ENTRIES_PER_BUCKET)
         self.count -= 1
         return True
 
@@ -294,7 +328,7 @@ class HashTable:
     def all_refs(self) -> list[int]:
         """Every reference in the table (for whole-table sweeps such as dropping a table)."""
         out: list[int] = []
-        for arr in (self._main, self._ovf[: self._ovf_used * ENTRIES_PER_BUCKET]):
+        for arr in (self._main, self._ovf[: self._ovf_top * ENTRIES_PER_BUCKET]):
             live = arr[(arr != 0) & ((arr & np.uint64(CHAIN_BIT)) == 0)]
             out.extend(int(x) & REF_MASK for x in live)
         return out

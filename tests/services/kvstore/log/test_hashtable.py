@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from services.kvstore.log import HashTable
+from services.kvstore.log._hashtable import CHAIN_BIT, ENTRIES_PER_BUCKET, REF_MASK
 from services.kvstore.log._segments import IDX_AUX_BITS, IDX_AUX_MASK
 
 
@@ -54,6 +56,44 @@ def test_full_bucket_chains_into_overflow_and_never_fails() -> None:
     for r in refs[::2]:
         t.insert(_h(0, r), r + 1000)
     assert t.overflow_buckets == used
+
+
+def _chained_overflow_buckets(t: HashTable) -> int:
+    """Overflow buckets reachable from the main area through chain pointers."""
+    last = ENTRIES_PER_BUCKET - 1
+    seen = 0
+    for b in range(t.num_buckets):
+        e = int(t._main[b * ENTRIES_PER_BUCKET + last])
+        while e & CHAIN_BIT:
+            seen += 1
+            i = (e & REF_MASK) - t.num_buckets
+            e = int(t._ovf[i * ENTRIES_PER_BUCKET + last])
+    return seen
+
+
+def test_emptied_overflow_buckets_are_unlinked_and_reused() -> None:
+    t = HashTable(2)
+    refs = list(range(1, 201))
+    for r in refs:
+        t.insert(_h(0, r), r)
+    grown = t.overflow_buckets
+    held = t.nbytes
+    assert grown >= 200 // 7 - 1
+    for r in refs[8:]:  # back to what fits in the main bucket, removed newest first
+        assert t.remove(_h(0, r), r)
+    assert t.overflow_buckets == _chained_overflow_buckets(t) <= 1
+    for r in refs[:8]:
+        assert t.remove(_h(0, r), r)
+    assert t.overflow_buckets == _chained_overflow_buckets(t) == 0
+    assert t.lookup(_h(0, 1)) == [] and t.all_refs() == []
+    # Churn through another bucket reuses the unlinked buckets: the area does not grow.
+    for r in refs:
+        t.insert(_h(1, r), r)
+    assert t.overflow_buckets == grown
+    assert t.nbytes == held
+    assert sorted(t.bucket_refs(1)) == refs
+    slots = t.find_slots(np.full(len(refs), 1, dtype=np.uint64), np.array(refs, dtype=np.uint64))
+    assert (slots >= 0).all()
 
 
 def test_occupied_buckets_skips_empty_ones() -> None:
@@ -138,6 +178,9 @@ class HashTableModel(RuleBasedStateMachine):
     def agrees(self) -> None:
         assert sorted(self.table.all_refs()) == sorted(self.model)
         assert self.table.count == len(self.model)
+        assert self.table.overflow_buckets == _chained_overflow_buckets(self.table)
+        for ref, h in self.model.items():
+            assert ref in self.table.lookup(h)
         for ref, h in self.model.items():
             assert ref in self.table.lookup(h)
             assert sorted(r for r, _ in self.table.candidates(h)) == sorted(self.table.lookup(h))
