@@ -13,7 +13,6 @@ cancelled, then the endpoints close.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -29,8 +28,6 @@ from rpcfast._schema import MethodSpec
 from rpcfast._service import Service
 from rpcfast.dispatch import DispatchConfig, Dispatcher, current
 from rpcfast.transports import Transport, open_transport
-
-log = logging.getLogger("rpcfast.server")
 
 _OK = _wire.RESPONSE.pack(Status.OK, 0, 0)
 _now_ns = time.perf_counter_ns
