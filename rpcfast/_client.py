@@ -224,6 +224,19 @@ class Connection:
         return result
 
     async def _sleep_until_done(self, pending: PendingCall, timeout: float | None) -> None:
+        dispatcher = self.dispatcher
+        idle = dispatcher.idle
+        if idle is not None:
+            # no other task can run (the loop itself may sit in a checkpoint: it would only
+            # poll): sleep in the kernel and take the response inline, as a blocking socket would
+            until = pending.started + timeout if timeout else math.inf
+            while not pending.done and idle.may_block(1 if dispatcher.yielded else 0):
+                if not dispatcher.wait_inline(idle, until):
+                    break
+            if pending.done:
+                if self.trace is not None:
+                    pending.recv_ns = _now_ns()
+                return
         event = pending.event = trio.Event()
         pending.waker = self.dispatcher.request_yield
         if timeout:

@@ -3,9 +3,13 @@
 The loop polls every transport without blocking, fires transport timers, and runs fast handlers
 inline (they run inside ``Transport.poll``). While there is work, or until ``spin_budget`` seconds
 after the last work, it spins: it only yields to trio when another task is known to be runnable
-(``request_yield``) or every ``yield_interval`` seconds. Then it parks: all transport fds sit in
-one epoll set whose fd trio waits on, with a cancel-scope deadline at the next transport timer,
-so an idle process burns no CPU.
+(``request_yield``) or every ``yield_interval`` seconds. Then it parks, so an idle process burns
+no CPU. While no other trio task can run, it sleeps in ``epoll_wait`` itself, on the transports'
+fds and trio's own epoll fd, until input, trio's next deadline or its own next timer
+(:mod:`rpcfast.dispatch._idle`): a wake-up then costs a system call, not a trip through trio's
+scheduler (~50 us of CPU here). Otherwise, and where trio's internals are not as expected, it
+parks as a trio task: the transports' epoll fd waited on with a cancel-scope deadline at the
+next transport timer. A task waiting for its own response sleeps in the kernel the same way.
 
 Measured on this 2-core VM (see DESIGN.md section 3): a sleeping wake-up costs ~40 us and a trio
 checkpoint ~4 us, against ~1 us for a non-blocking receive that finds nothing. Hence the spin.
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from rpcfast.dispatch._idle import INPUT, TRIO, TrioIdle
 from rpcfast.dispatch._poller import CLOSED, FAILED, PARK, YIELD, LoadProbe, Poller
 
 if TYPE_CHECKING:
@@ -118,6 +123,11 @@ class Dispatcher:
         self._transports: list[Transport] = poller.transports
         self.client_endpoints: dict[tuple[str, bool], Transport] = {}
         self._registered: set[int] = set()
+        self.idle: TrioIdle | None = None
+        """Sleeping in the kernel without trio's scheduler while no other task can run
+        (:mod:`rpcfast.dispatch._idle`); None before :meth:`run` or where trio does not allow it."""
+        self.yielded = False
+        """The loop is waiting in a trio checkpoint (so it counts as a runnable task)."""
         self.schedule = poller.schedule
         self.request_yield = poller.request_yield
         self.task_started = poller.task_started
@@ -180,6 +190,8 @@ class Dispatcher:
         for fd in wanted - self._registered:
             epoll.register(fd, select.EPOLLIN)
         self._registered = wanted
+        if self.idle is not None:
+            self.idle.set_fds(wanted)
 
     # -- the loop ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -188,15 +200,38 @@ class Dispatcher:
         spin = poller.spin
         resumed = poller.resumed
         checkpoint = trio.lowlevel.checkpoint
+        if self.idle is None and not poller.closed:
+            self.idle = TrioIdle.install(self._registered)
+        idle = self.idle
         try:
             while True:
                 action = spin()
                 if action == YIELD:
+                    self.yielded = True
                     await checkpoint()
+                    self.yielded = False
                     resumed(False)
                 elif action == PARK:
-                    await self._park()
-                    resumed(True)
+                    if idle is None or not idle.usable():
+                        if await self._park():
+                            self.took_input()
+                        resumed(True)
+                    elif idle.pending:  # other tasks can run: let them, then look again
+                        self.yielded = True
+                        await checkpoint()
+                        self.yielded = False
+                        resumed(False)
+                    else:
+                        woke = self._block(idle)
+                        if woke == TRIO:  # trio's own work: run it, then park again at once
+                            self.yielded = True
+                            await checkpoint()
+                            self.yielded = False
+                            resumed(False)
+                        else:  # input (or one of our timers): spin again for the budget
+                            if woke == INPUT:
+                                self.took_input()
+                            resumed(True)
                 elif action == FAILED:
                     await trio.sleep(0.001)
                 else:
@@ -205,22 +240,58 @@ class Dispatcher:
         finally:
             self.close()
 
-    async def _park(self) -> None:
+    def took_input(self) -> bool:
+        """Poll after a transport fd woke us; if no transport found work, the input waits
+        where polls do not look (:meth:`Transport.drain`): take it, or the fd stays readable
+        and the next sleep ends at once. Returns whether the poll found work."""
+        if self.poller.poll_all():
+            return True
+        now = _clock()
+        for transport in list(self._transports):
+            transport.drain(now)
+        return False
+
+    def wait_inline(self, idle: TrioIdle, until: float) -> bool:
+        """For a task waiting for its own response while :meth:`TrioIdle.may_block` holds:
+        sleep in the kernel until input (taken at once, in this task) or until trio has work
+        or ``until`` passes. Returns whether there was input; False: wait in trio instead."""
+        for transport in self._transports:
+            if transport.has_pending():  # input no fd announces (in-process, ZeroMQ)
+                self.poller.poll_all()
+                return True
+        if idle.block(until) != INPUT:
+            return False
+        self.took_input()
+        return True
+
+    def _block(self, idle: TrioIdle) -> int:
+        """Park in the kernel, this task still running (no other task can run meanwhile)."""
         poller = self.poller
         for transport in self._transports:
             if transport.has_pending():
-                return
+                return 0
+        poller.n_parks += 1
+        poller.slept = True
+        return idle.block(poller.next_deadline)
+
+    async def _park(self) -> bool:
+        """Park as a trio task until an fd is readable (True) or the next timer (False)."""
+        poller = self.poller
+        for transport in self._transports:
+            if transport.has_pending():
+                return False
         poller.n_parks += 1
         poller.slept = True
         timeout = poller.next_deadline - _clock()
         if timeout <= 0:
-            return
+            return False
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             poller.park_scope = scope
             try:
                 await trio.lowlevel.wait_readable(poller.epoll.fileno())
             finally:
                 poller.park_scope = None
+        return not scope.cancelled_caught
 
     def close(self) -> None:
         if self.poller.closed:
@@ -233,6 +304,8 @@ class Dispatcher:
         self._transports.clear()
         self.poller.polls = ()
         self.poller.close()
+        if self.idle is not None:
+            self.idle.close()
 
     @property
     def closed(self) -> bool:

@@ -55,6 +55,11 @@ class Transport(abc.ABC):
         """File descriptors that become readable when :meth:`poll` has work."""
         return ()
 
+    def drain(self, now: float) -> None:
+        """Take in whatever waits on fds that :meth:`poll` skips for speed. Called when an fd
+        of :meth:`filenos` woke the dispatcher but :meth:`poll` found nothing (else the fd
+        stays readable and every sleep ends at once)."""
+
     def has_pending(self) -> bool:
         """Whether :meth:`poll` has work that no fd will announce (edge-triggered sources)."""
         return False

@@ -135,6 +135,7 @@ class UdpTransport(Transport):
         self._channels: dict[Any, _Channel] = {}  # server address -> its connected socket
         self._polled: list[_Channel] = []  # the channels with calls outstanding
         self._main_calls = 0  # calls of a client-only endpoint made over its unconnected socket
+        self.n_drained = 0  # datagrams taken in by drain() (late replies on idle sockets)
         self._recvfrom = sock.recvfrom
         self._sendto = sock.sendto
         self._sendmsg = sock.sendmsg
@@ -224,6 +225,43 @@ class UdpTransport(Transport):
         if core.deadline_moved:
             self._rearm()
         return count > 0
+
+    def drain(self, now: float) -> None:
+        """Receive on the sockets :meth:`poll` skips (channels without calls outstanding, a
+        client endpoint's own socket without calls): late or duplicate replies, which the
+        session core drops as stale, and anything else that arrived there."""
+        core = self.core
+        if self._closed:
+            return
+        socks: list[tuple[socket.socket, Any]] = [
+            (chan.sock, chan.addr) for chan in self._channels.values() if not chan.outstanding
+        ]
+        if self._client_only and not self._main_calls:
+            socks.append((self.sock, None))
+        self._now = now
+        try:
+            for sock, addr in socks:
+                for _ in range(_BATCH):
+                    try:
+                        if addr is None:
+                            data, sender = sock.recvfrom(_RECV_SIZE)
+                        else:
+                            data, sender = sock.recv(_RECV_SIZE), addr
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:
+                        log.debug("udp receive error: %s", exc)
+                        break
+                    self.n_drained += 1
+                    core.receive(data, sender, now)
+        finally:
+            self._now = 0.0
+        if core.events:
+            self._deliver()
+        if core.outbox:
+            self._flush()
+        if core.deadline_moved:
+            self._rearm()
 
     def _on_response(self, rpc_id: int, payload: memoryview) -> None:
         calls = self._calls

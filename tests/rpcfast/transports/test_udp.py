@@ -59,3 +59,29 @@ async def test_a_server_port_that_refuses_fails_the_call_as_peer_dead() -> None:
             raise AssertionError("a call to a closed port succeeded")
     transport = conn.transport
     assert isinstance(transport, UdpTransport) and not transport._polled
+
+
+async def test_a_stray_datagram_on_an_idle_channel_is_drained_not_spun_on() -> None:
+    async with rpcfast.serve([EchoService()], ["udp://127.0.0.1:0"]) as srv:
+        transport, _ = client_transport(srv.dispatcher, srv.addresses[0])
+        assert isinstance(transport, UdpTransport)
+        async with rpcfast.connect(srv.addresses[0], timeout=5) as conn:
+            assert await conn.stub(echo_capnp.Echo).ping() is None
+        (chan,) = transport._channels.values()
+        assert not transport._polled  # nobody polls this socket now
+        server_transport = srv.transports[0]
+        assert isinstance(server_transport, UdpTransport)
+        # from the server's port (the channel is connected to it): a late, garbled "reply"
+        server_transport.sock.sendto(b"\xffstray", chan.sock.getsockname())
+        await trio.sleep(0.01)  # (the call ran inline: let the loop start)
+        idle = srv.dispatcher.idle
+        assert idle is not None
+        with trio.fail_after(5):
+            while not transport.n_drained:
+                await trio.sleep(0.01)
+        blocks = idle.n_blocks
+        await trio.sleep(0.2)
+        # still readable, every sleep would end at once: thousands of wake-ups in 0.2 s
+        assert idle.n_blocks - blocks < 100
+        async with rpcfast.connect(srv.addresses[0], timeout=5) as conn:
+            assert await conn.stub(echo_capnp.Echo).ping() is None  # the channel still works
