@@ -284,6 +284,7 @@ class ReplicaManager:
         self._barriers: collections.deque[_Waiter] = collections.deque()
         self._converging = False
         self._again = False
+        self._wake: trio.Event | None = None  # set while the timer sleeps until there is work
         # counters
         self._bytes_sent = 0
         self._writes_sent = 0
@@ -362,6 +363,7 @@ class ReplicaManager:
         self._waiters.append(
             _Waiter(need, deadline=_clock() + self._durability_timeout, callback=callback)
         )
+        self._kick()
 
     def _mark_closed(self, seg: _Segment) -> None:
         seg.closed = True
@@ -402,8 +404,22 @@ class ReplicaManager:
     async def run(self) -> None:
         """Retries, RPC timeouts and sync deadlines; run in a nursery until cancelled."""
         while True:
-            await trio.sleep(self._tick)
+            if self._quiet():  # nothing to time out or retry: sleep until there is
+                self._wake = trio.Event()
+                await self._wake.wait()
+            else:
+                await trio.sleep(self._tick)
             self._on_tick(_clock())
+
+    def _quiet(self) -> bool:
+        return not (self._calls or self._waiters or self._active or self._again)
+
+    def _kick(self) -> None:
+        """Work for the timer appeared: wake it if it sleeps (see :meth:`run`)."""
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
 
     def _on_tick(self, now: float) -> None:
         for call in list(self._calls):
@@ -467,6 +483,8 @@ class ReplicaManager:
         finally:
             self._converging = False
         self._release_waiters()
+        if self._wake is not None and not self._quiet():
+            self._kick()
 
     def _converge_segment(self, seg: _Segment, now: float) -> bool:
         """Move one segment forward; return whether it still needs attention."""
@@ -661,6 +679,7 @@ class ReplicaManager:
 
     def _start(self, call: _Call, method: Any, params: dict[str, Any]) -> None:
         self._calls.add(call)
+        self._kick()
 
         def done(_result: Any, error: Exception | None) -> None:
             if self._finish(call, error):

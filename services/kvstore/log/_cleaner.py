@@ -375,6 +375,12 @@ class LogCleaner:
             return False
         return self.next_task() is not CleanerTask.SLEEP
 
+    def activity(self) -> tuple[int, int, int]:
+        """What :meth:`wants_to_run` looks at, as a fingerprint that changes whenever its answer
+        may: free seglets, segments in the log, memory waiting to be freed."""
+        log = self._log
+        return (log.allocator.total_free(), len(log.segments), log.pending_free_segments)
+
     def stats(self) -> CleanerStats:
         return CleanerStats(
             compactions=self._compactions,
