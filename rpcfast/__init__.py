@@ -16,7 +16,7 @@ from rpcfast._errors import (
 )
 from rpcfast._schema import Body, load_schema
 from rpcfast._server import Deferred, Server, serve
-from rpcfast._service import Service, fast
+from rpcfast._service import Service, decode_with, fast
 from rpcfast._trace import TimeTrace
 from rpcfast.dispatch import DispatchConfig
 
@@ -40,6 +40,7 @@ __all__ = [
     "Stub",
     "TimeTrace",
     "connect",
+    "decode_with",
     "fast",
     "load_schema",
     "serve",

@@ -32,9 +32,14 @@ class CallPlan:
     def __init__(self, header: bytes, params: Any, results: Any) -> None:
         self.header = header
         self.params_empty: bool = bool(params.empty)
-        self.encode_parts: Callable[[Any], list[Any]] = params.encode_parts
+        # a CustomCodec's hand-written functions are called directly (no wrapper frame)
+        self.encode_parts: Callable[[Any], list[Any]] = (
+            getattr(params, "custom_encode", None) or params.encode_parts
+        )
         self.results_empty: bool = bool(results.empty)
-        self.decode: Callable[[memoryview], Any] = results.decode
+        self.decode: Callable[[memoryview], Any] = (
+            getattr(results, "custom_decode", None) or results.decode
+        )
 
 
 def remote_error(payload: memoryview, status: int, offset: int, code: int) -> RemoteError:
@@ -67,7 +72,7 @@ class Completion:
             result = self.plan.decode(payload[_HEADER_SIZE:])
             self.callback(result, None)
         finally:
-            if result is not None:
+            if result is not None and type(result) is not tuple:  # (custom decoders' tuples)
                 result._release()
 
 

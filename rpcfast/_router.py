@@ -43,7 +43,9 @@ def handler_entry(method: Any, fn: Callable[[Any], Any], fast: bool) -> Handler:
     """The routing entry for one method (codec entry points looked up once, not per request)."""
     params, results = method.params, method.results
     bare = fast and bool(params.empty)
-    return (method, fn, fast, bare, params.decode, results.encode_parts, bool(results.empty))
+    # a CustomCodec's hand-written decoder is called directly (no wrapper frame)
+    decode = getattr(params, "custom_decode", None) or params.decode
+    return (method, fn, fast, bare, decode, results.encode_parts, bool(results.empty))
 
 
 def error_response(status: int, message: str, code: int = 0) -> list[Any]:
@@ -136,7 +138,7 @@ class Router:
         except Exception as exc:
             response = self.failure(method, exc)
         finally:
-            if request is not None:
+            if request is not None and type(request) is not tuple:  # (custom decoders' tuples)
                 request._release()
         if flags & _FLAG_TRACE:
             response = traced(response, recv_ns, start_ns)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -204,6 +204,48 @@ class StructCodec:
         except (capnp.KjException, ValueError) as exc:  # ValueError: not whole words
             raise MalformedMessage(str(exc)) from exc
         return CapnpBody(reader, ctx, self.data_fields)
+
+
+@attrs.frozen
+class CustomCodec(StructCodec):
+    """A struct codec with a hand-written encoder and/or decoder for one hot method, on the
+    client (see ``Connection.stub(codecs=...)``): the encoder takes whatever the caller passes
+    as params and returns the message's scatter list (segment table first, as
+    :meth:`StructCodec.encode_parts` does); the decoder takes the result message and returns
+    what the call returns. What they leave out is the generic codec's."""
+
+    custom_encode: Callable[[Any], list[Buffer]] | None = None
+    custom_decode: Callable[[memoryview], Any] | None = None
+
+    @classmethod
+    def over(
+        cls,
+        base: StructCodec,
+        *,
+        encode: Callable[[Any], list[Buffer]] | None = None,
+        decode: Callable[[memoryview], Any] | None = None,
+    ) -> CustomCodec:
+        return cls(
+            module=base.module,
+            name=base.name,
+            empty=base.empty,
+            data_fields=base.data_fields,
+            fast=base.fast,
+            custom_encode=encode,
+            custom_decode=decode,
+        )
+
+    def encode_parts(self, value: Any) -> list[Buffer]:
+        encode = self.custom_encode
+        if encode is None:
+            return super().encode_parts(value)
+        return encode(value)
+
+    def decode(self, body: memoryview) -> Any:
+        decode = self.custom_decode
+        if decode is None:
+            return super().decode(body)
+        return decode(body)
 
 
 @attrs.frozen

@@ -24,8 +24,8 @@ import trio
 from rpcfast import _wire
 from rpcfast._errors import Status
 from rpcfast._router import Deferred, Handler, Router, error_response, handler_entry
-from rpcfast._schema import MethodSpec
-from rpcfast._service import Service
+from rpcfast._schema import CustomCodec, MethodSpec
+from rpcfast._service import Service, custom_decoder
 from rpcfast.dispatch import DispatchConfig, Dispatcher, current
 from rpcfast.transports import Transport, open_transport
 
@@ -61,10 +61,15 @@ class Server:
             spec = service.rpcfast_spec
             if spec.service_id in routes:
                 raise ValueError(f"two services implement {spec.name}")
-            routes[spec.service_id] = [
-                handler_entry(method, fn, fast)
-                for method, (fn, fast) in zip(spec.methods, service.rpcfast_handlers(), strict=True)
-            ]
+            entries = []
+            for method, (fn, fast) in zip(spec.methods, service.rpcfast_handlers(), strict=True):
+                decoder = custom_decoder(fn)
+                if decoder is not None:
+                    method = attrs.evolve(
+                        method, params=CustomCodec.over(method.params, decode=decoder)
+                    )
+                entries.append(handler_entry(method, fn, fast))
+            routes[spec.service_id] = entries
         self.router = Router(routes, self._spawn)
         self.router.aborted_hook = self._on_aborted
         self._nursery: trio.Nursery | None = None
@@ -135,7 +140,7 @@ class Server:
         recv_ns: int,
     ) -> None:
         start_ns = _now_ns()
-        request = None
+        request: Any = None  # a Body, or a custom decoder's tuple
         response: list[Any] | None = None
         try:
             with scope:
@@ -148,7 +153,7 @@ class Server:
         finally:
             self.dispatcher.task_finished()
             self._inflight.pop(key, None)
-            if request is not None:
+            if request is not None and type(request) is not tuple:  # (custom decoders' tuples)
                 request._release()
         if response is None:  # cancelled: the client aborted (no one to answer) or shutdown
             if self.router.closing:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from itertools import chain
@@ -27,6 +28,8 @@ import numpy as np
 import trio
 
 import rpcfast
+from rpcfast._schema import interface_spec
+from rpcfast._types import Buffer
 from services.kvstore._objects import MAX_HASH, RejectRules, key_hash
 from services.kvstore.errors import (
     KvError,
@@ -93,6 +96,80 @@ _PADS = np.array(_PAD, dtype=object)  # indexed by length & 7: one numpy call fo
 _INT = {int}
 _BYTES = {bytes}
 _BIG = 4096  # values this long go through rpcfast's encoder, which sends them without a copy
+
+
+def _read_layouts() -> tuple[int, int, int, int, int, int, int, int]:
+    """Word offsets for ``Master.read``'s params (data words, pointers, tableId's word, key's
+    pointer) and results (data words, pointers, version's word, value's pointer), from the
+    schema."""
+    method = kv_capnp.Master.schema.methods["read"]
+    params, results = method.param_type, method.result_type
+    p_slots = {f.proto.name: f.proto.slot.offset for f in params.fields_list}
+    r_slots = {f.proto.name: f.proto.slot.offset for f in results.fields_list}
+    p_node, r_node = params.node.struct, results.node.struct
+    return (
+        p_node.dataWordCount,
+        p_node.pointerCount,
+        p_slots["tableId"],
+        p_slots["key"],
+        r_node.dataWordCount,
+        r_node.pointerCount,
+        r_slots["version"],
+        r_slots["value"],
+    )
+
+
+_RP_DATA, _RP_PTRS, _RP_TABLE, _RP_KEY, _RR_DATA, _RR_PTRS, _RR_VERSION, _RR_VALUE = _read_layouts()
+_RP_HEAD = struct.Struct(f"<II{_RP_DATA + _RP_PTRS + 1}Q")  # segment table, root, data, pointers
+_RP_ROOT = (_RP_DATA | _RP_PTRS << 16) << 32
+_RP_KEY_PTR = (_RP_PTRS - 1 - _RP_KEY) << 2 | 1  # a list right after the pointer section
+# results: segment table and root pointer (as u32 pairs), data words, pointers (as u32 pairs)
+_RR_HEAD = struct.Struct(f"<4I{_RR_DATA}Q{2 * _RR_PTRS}I")
+_RR_SHAPE = _RR_DATA | _RR_PTRS << 16
+_RR_LO = 4 + _RR_DATA + 2 * _RR_VALUE  # index of the value pointer's low half in _RR_HEAD
+_RR_WORDS = 1 + _RR_DATA + _RR_PTRS  # root pointer and struct, in words
+
+
+def _encode_read(params: tuple[Any, Any]) -> list[Buffer]:
+    """``Master.read``'s params (table id, key) as the one-segment message the generic encoder
+    makes (tests/services/kvstore/test_client.py checks byte for byte), at a fraction of its
+    cost."""
+    table_id, key = params
+    if table_id.__class__ is not int or not 0 <= table_id < 1 << 64:
+        return _READ.params.encode_parts({"tableId": table_id, "key": key})  # its errors
+    if key.__class__ is not bytes:
+        if not isinstance(key, bytearray | memoryview):
+            return _READ.params.encode_parts({"tableId": table_id, "key": key})
+        key = bytes(key)
+    n = len(key)
+    words = [0] * (_RP_DATA + _RP_PTRS)
+    words[_RP_TABLE] = table_id
+    words[_RP_DATA + _RP_KEY] = (n << 3 | 2) << 32 | _RP_KEY_PTR
+    head = _RP_HEAD.pack(0, 1 + _RP_DATA + _RP_PTRS + (n + 7 >> 3), _RP_ROOT, *words)
+    return [head + key + _PAD[n & 7]]
+
+
+def _decode_read(body: memoryview) -> tuple[bytes, int]:
+    """``Master.read``'s results as ``(value, version)``: read in place when the message has
+    the layout every master sends (one segment, the root struct first, the value's bytes
+    after it), else through the generic decoder."""
+    if len(body) >= _RR_HEAD.size:
+        head = _RR_HEAD.unpack_from(body)
+        lo = head[_RR_LO]
+        hi = head[_RR_LO + 1]
+        if head[0] == 0 and head[2] == 0 and head[3] == _RR_SHAPE and lo & 3 == 1 and hi & 7 == 2:
+            # the list starts (lo >> 2) words after its pointer (a negative offset is huge)
+            start = 8 * (2 + _RR_WORDS - _RR_PTRS + _RR_VALUE + (lo >> 2))
+            end = start + (hi >> 3)
+            if end <= 8 + 8 * head[1] <= len(body):
+                return body[start:end].tobytes(), head[4 + _RR_VERSION]
+    reply = _READ.results.decode(body)
+    assert reply is not None
+    return bytes(reply.value), int(reply.version)
+
+
+_READ = interface_spec(kv_capnp.Master).by_name["read"]
+_READ_CODECS = {"read": (_encode_read, _decode_read)}
 
 
 class _Segment:
@@ -272,6 +349,7 @@ class KvClient:
         self.rpc_timeout = rpc_timeout
         self._connections: dict[str, rpcfast.Connection] = {}
         self._stubs: dict[str, rpcfast.Stub] = {}
+        self._fast_stubs: dict[str, rpcfast.Stub] = {}
         self._directory: _Directory | None = None
         self._routes: dict[int, tuple[list[int], list[TabletLocation]]] = {}
         # The master's stub of each table one tablet serves whole: the single-object fast path.
@@ -311,6 +389,7 @@ class KvClient:
             conn.close()
         self._connections.clear()
         self._stubs.clear()
+        self._fast_stubs.clear()
         self._whole.clear()
         await trio.lowlevel.checkpoint()
 
@@ -329,6 +408,15 @@ class KvClient:
             self._stubs[address] = stub
         return stub
 
+    def _fast_master(self, address: str) -> rpcfast.Stub:
+        """A stub whose ``read((table_id, key))`` returns ``(value, version)`` through
+        hand-written codecs (the single-object fast path's)."""
+        stub = self._fast_stubs.get(address)
+        if stub is None:
+            stub = self._connection(address).stub(kv_capnp.Master, codecs=_READ_CODECS)
+            self._fast_stubs[address] = stub
+        return stub
+
     @property
     def directory(self) -> _Directory:
         assert self._directory is not None, "use KvClient.open()"
@@ -345,7 +433,7 @@ class KvClient:
         if owner is None:
             self._whole.pop(table_id, None)
         else:
-            self._whole[table_id] = self._master(owner)
+            self._whole[table_id] = self._fast_master(owner)
         address = self._route_cached(table_id, h)
         if address is not None:
             return address
@@ -433,8 +521,8 @@ class KvClient:
         if stub is not None and reject_rules is None:
             # the fast path: one dict lookup for the route, no closure, no hashing
             try:
-                reply = await stub.read(tableId=table_id, key=key)
-                return bytes(reply.value), int(reply.version)
+                result: tuple[bytes, int] = await stub.read((table_id, key))
+                return result
             except rpcfast.RemoteError as exc:
                 retry = _retryable(exc)
             except (rpcfast.PeerDead, rpcfast.RpcTimeout) as exc:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import rpcfast
 from rpcfast._schema import interface_spec
+from rpcfast._wire import MalformedMessage
 from services.kvstore import (
     KvError,
     ObjectDoesntExist,
@@ -21,10 +22,20 @@ from services.kvstore import (
     StorageConfig,
     WrongVersion,
 )
-from services.kvstore._client import _DELTAS, _KEYS, _VALUES, KvClient, _encode_items, _params
-from services.kvstore._master import MasterService, kv_capnp
+from services.kvstore._client import (
+    _DELTAS,
+    _KEYS,
+    _VALUES,
+    KvClient,
+    _decode_read,
+    _encode_items,
+    _encode_read,
+    _params,
+)
+from services.kvstore._master import MasterService, _decode_read_params, _ReadResult, kv_capnp
 
 WRITE = interface_spec(kv_capnp.Master).by_name["multiWrite"]
+READ = interface_spec(kv_capnp.Master).by_name["read"]
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 
 
@@ -72,6 +83,57 @@ def test_items_it_does_not_take_fall_back_to_dicts(item: tuple[Any, ...]) -> Non
     assert _encode_items(items, True) is None
     assert _params(items, _VALUES) == {"items": [dict(zip(_VALUES, i, strict=True)) for i in items]}
     assert isinstance(_params([(1, b"k", 5)], _DELTAS), dict)
+
+
+def _joined(parts: list[Any]) -> memoryview:
+    return memoryview(b"".join(bytes(p) for p in parts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(U64, st.binary(max_size=100), st.binary(max_size=300), U64)
+def test_read_codecs_agree_with_the_generic_ones(
+    table_id: int, key: bytes, value: bytes, version: int
+) -> None:
+    # the client's params are the generic encoder's bytes; the master reads them in place
+    params = _joined(_encode_read((table_id, key)))
+    assert bytes(params) == bytes(
+        _joined(READ.params.encode_parts({"tableId": table_id, "key": key}))
+    )
+    for buffer in (bytearray(key), memoryview(key)):
+        assert bytes(_joined(_encode_read((table_id, buffer)))) == bytes(params)
+    got = _decode_read_params(params)
+    assert type(got) is tuple and got[0] == table_id and bytes(got[1]) == key
+    # the client reads the master's direct reply and the generic encoder's alike
+    direct = _joined(READ.results.encode_parts(_ReadResult(memoryview(value), version)))
+    reply = _joined(READ.results.encode_parts({"value": value, "version": version}))
+    assert _decode_read(direct) == _decode_read(reply) == (value, version)
+
+
+def test_read_codecs_fall_back_for_what_they_do_not_expect() -> None:
+    # params with reject rules: the generic body, which the handler reads as before
+    ruled = _joined(
+        READ.params.encode_parts(
+            {"tableId": 3, "key": b"k", "hasRules": True, "rejectRules": {"doesntExist": True}}
+        )
+    )
+    body = _decode_read_params(ruled)
+    assert type(body) is not tuple and body.hasRules and bytes(body.key) == b"k"
+    # values the direct encoder does not take raise what the generic encoder raises
+    for bad in ((-1, b"k"), (2**64, b"k"), (1.5, b"k"), (1, "k")):
+        with pytest.raises(Exception) as direct_error:
+            _encode_read(bad)
+        with pytest.raises(Exception) as generic_error:
+            READ.params.encode_parts({"tableId": bad[0], "key": bad[1]})
+        assert direct_error.type is generic_error.type
+    # garbage, truncation, a second segment: the generic decoders' MalformedMessage
+    reply = bytes(_joined(READ.results.encode_parts(_ReadResult(memoryview(b"value"), 7))))
+    params = bytes(_joined(_encode_read((1, b"key"))))
+    for bad_bytes in (b"\xff" * 40, reply[:-8], b"\x01" + reply[1:]):
+        with pytest.raises(MalformedMessage):
+            _decode_read(memoryview(bad_bytes))
+    for bad_bytes in (b"\xff" * 56, params[:-8], b"\x01" + params[1:]):
+        with pytest.raises(MalformedMessage):
+            _decode_read_params(memoryview(bad_bytes))
 
 
 @pytest.fixture

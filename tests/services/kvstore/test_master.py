@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import rpcfast
 from services.kvstore import (
@@ -135,3 +139,41 @@ def test_standalone_master_process() -> None:
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_an_idle_cleaner_checks_ever_less_often_until_the_log_changes() -> None:
+    class FakeCleaner:
+        def __init__(self) -> None:
+            self.checks = 0
+            self.log_state = 0
+            self.work = 0
+
+        def wants_to_run(self) -> bool:
+            self.checks += 1
+            return self.work > 0
+
+        def step(self, seconds: float, now: float) -> None:
+            self.work -= 1
+
+        def activity(self) -> tuple[int, int, int]:
+            return (self.log_state, 0, 0)
+
+    cleaner = FakeCleaner()
+    objects: Any = SimpleNamespace(cleaner=cleaner, _clock=time.perf_counter)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_cleaner, objects)
+            await trio.sleep(10)
+            # 5 ms doubling up to 100 ms: about 100 checks in 10 s, not 2000
+            assert 50 < cleaner.checks < 150
+            checks = cleaner.checks
+            cleaner.log_state = 1  # the log changed (say, a seglet was allocated)
+            await trio.sleep(0.1)
+            cleaner.work = 3
+            await trio.sleep(0.1)
+            assert cleaner.work == 0  # noticed within the idle check's longest pause
+            assert cleaner.checks - checks >= 5  # and looking every 5 ms again after a change
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -512,6 +512,23 @@ async def test_too_few_backups_fail_sync_with_retry_then_recover(tmp_path: Path)
                     await assert_exact(node, fake, sid)
 
 
+async def test_the_timer_sleeps_while_nothing_can_time_out_and_wakes_for_work(
+    tmp_path: Path,
+) -> None:
+    fake = FakeLog(random.Random(10))
+    async with serve_backups(tmp_path, [1, 2]) as nodes:
+        async with manager(fake, 2, durability_timeout=0.3) as mgr:
+            await eventually(lambda: mgr._wake is not None)  # quiet: no 10 ms tick
+            fake.roll()
+            fake.write(100)
+            # no backups listed yet: only the timer can end this sync (with Retry)
+            assert isinstance(await sync(mgr), ReplicasUnavailable)
+            mgr.set_backups(listing(nodes))
+            assert await sync(mgr) is None
+            assert all(len(holders(nodes, sid)) == 2 for sid in fake.segments)
+            await eventually(lambda: mgr._wake is not None)  # quiet again
+
+
 async def test_free_after_close_removes_the_replicas(tmp_path: Path) -> None:
     fake = FakeLog(random.Random(9))
     async with serve_backups(tmp_path, [1, 2, 3]) as nodes:
