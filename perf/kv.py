@@ -74,6 +74,8 @@ READY_TIMEOUT_S = 20.0
 TARGET_PAYLOAD = 100
 READ_SPEEDUP_GOAL = 5.0
 WRITE_OVER_READ_GOAL = 3.0
+DURABLE_REPLICAS = 3
+"""The replica count of the write-over-read goal."""
 
 OPS_ORDER = ("read", "write", "multi_read", "multi_write")
 DURABILITY_ORDER = ("none", "buffered", "replica-ack", "fsync")
@@ -313,8 +315,9 @@ def target_rows(rows: Sequence[Row]) -> list[Row]:
                 )
             )
         replica_counts = [r["replicas"] for r in buffered if isinstance(r.get("replicas"), int)]
-        if replica_counts:
-            top = max(int(r or 0) for r in replica_counts)
+        # the goal is for a durable write, R = 3: without that cluster there is nothing to check
+        if DURABLE_REPLICAS in replica_counts:
+            top = DURABLE_REPLICAS
             read = _find(buffered, op="read", payload=TARGET_PAYLOAD, replicas=top)
             write = _find(buffered, op="write", payload=TARGET_PAYLOAD, replicas=top)
             if read is not None and write is not None:
