@@ -28,8 +28,10 @@ import numpy as np
 import trio
 
 import rpcfast
+from rpcfast._client import Decoder, Encoder
 from rpcfast._schema import interface_spec
 from rpcfast._types import Buffer
+from services.kvstore._direct import DirectStruct
 from services.kvstore._objects import MAX_HASH, RejectRules, key_hash
 from services.kvstore.errors import (
     KvError,
@@ -169,7 +171,46 @@ def _decode_read(body: memoryview) -> tuple[bytes, int]:
 
 
 _READ = interface_spec(kv_capnp.Master).by_name["read"]
-_READ_CODECS = {"read": (_encode_read, _decode_read)}
+_WRITE = interface_spec(kv_capnp.Master).by_name["write"]
+_WRITE_PARAMS = DirectStruct(
+    kv_capnp.Master.schema.methods["write"].param_type, ["tableId"], ["key", "value"]
+)
+_VERSION_RESULTS = DirectStruct(
+    kv_capnp.Master.schema.methods["write"].result_type, ["version"], []
+)
+
+
+def _encode_write(params: tuple[Any, Any, Any]) -> list[Buffer]:
+    """``Master.write``'s params (table id, key, value) built in place (the generic encoder's
+    bytes); big values, which the generic encoder sends without a copy, and anything unusual
+    go through it."""
+    table_id, key, value = params
+    if (
+        table_id.__class__ is int
+        and 0 <= table_id < 1 << 64
+        and key.__class__ is bytes
+        and value.__class__ is bytes
+        and len(value) < _BIG
+    ):
+        return [_WRITE_PARAMS.encode((table_id,), (key, value))]
+    return _WRITE.params.encode_parts({"tableId": table_id, "key": key, "value": value})
+
+
+def _decode_version(body: memoryview) -> int:
+    """A ``(version :UInt64)`` result (write, remove) as the version."""
+    fields = _VERSION_RESULTS.read(body)
+    if fields is not None:
+        version: int = fields[0]
+        return version
+    reply = _WRITE.results.decode(body)
+    assert reply is not None
+    return int(reply.version)
+
+
+_FAST_CODECS: dict[str, tuple[Encoder | None, Decoder | None]] = {
+    "read": (_encode_read, _decode_read),
+    "write": (_encode_write, _decode_version),
+}
 
 
 class _Segment:
@@ -409,11 +450,12 @@ class KvClient:
         return stub
 
     def _fast_master(self, address: str) -> rpcfast.Stub:
-        """A stub whose ``read((table_id, key))`` returns ``(value, version)`` through
-        hand-written codecs (the single-object fast path's)."""
+        """A stub whose ``read((table_id, key))`` returns ``(value, version)`` and whose
+        ``write((table_id, key, value))`` returns the version, through hand-written codecs
+        (the single-object fast path's)."""
         stub = self._fast_stubs.get(address)
         if stub is None:
-            stub = self._connection(address).stub(kv_capnp.Master, codecs=_READ_CODECS)
+            stub = self._connection(address).stub(kv_capnp.Master, codecs=_FAST_CODECS)
             self._fast_stubs[address] = stub
         return stub
 
@@ -542,7 +584,8 @@ class KvClient:
         stub = self._whole.get(table_id)
         if stub is not None and reject_rules is None:
             try:
-                return int((await stub.write(tableId=table_id, key=key, value=value)).version)
+                version: int = await stub.write((table_id, key, value))
+                return version
             except rpcfast.RemoteError as exc:
                 retry = _retryable(exc)
             except (rpcfast.PeerDead, rpcfast.RpcTimeout) as exc:

@@ -28,14 +28,24 @@ from services.kvstore._client import (
     _VALUES,
     KvClient,
     _decode_read,
+    _decode_version,
     _encode_items,
     _encode_read,
+    _encode_write,
     _params,
 )
-from services.kvstore._master import MasterService, _decode_read_params, _ReadResult, kv_capnp
+from services.kvstore._master import (
+    MasterService,
+    _decode_read_params,
+    _decode_write_params,
+    _ReadResult,
+    _VersionResult,
+    kv_capnp,
+)
 
 WRITE = interface_spec(kv_capnp.Master).by_name["multiWrite"]
 READ = interface_spec(kv_capnp.Master).by_name["read"]
+WRITE_ONE = interface_spec(kv_capnp.Master).by_name["write"]
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 
 
@@ -134,6 +144,38 @@ def test_read_codecs_fall_back_for_what_they_do_not_expect() -> None:
     for bad_bytes in (b"\xff" * 56, params[:-8], b"\x01" + params[1:]):
         with pytest.raises(MalformedMessage):
             _decode_read_params(memoryview(bad_bytes))
+
+
+@settings(max_examples=100, deadline=None)
+@given(U64, st.binary(max_size=100), st.binary(max_size=5000), U64)
+def test_write_codecs_agree_with_the_generic_ones(
+    table_id: int, key: bytes, value: bytes, version: int
+) -> None:
+    fields = {"tableId": table_id, "key": key, "value": value}
+    params = _joined(_encode_write((table_id, key, value)))
+    assert bytes(params) == bytes(_joined(WRITE_ONE.params.encode_parts(fields)))
+    got = _decode_write_params(params)
+    assert type(got) is tuple
+    assert got[0] == table_id and bytes(got[1]) == key and bytes(got[2]) == value
+    direct = _joined(WRITE_ONE.results.encode_parts(_VersionResult(version)))
+    reply = _joined(WRITE_ONE.results.encode_parts({"version": version}))
+    assert bytes(direct) == bytes(reply)
+    assert _decode_version(direct) == version
+
+
+def test_write_codecs_leave_big_values_and_rules_to_the_generic_codec() -> None:
+    big = bytes(8192)
+    parts = _encode_write((1, b"k", big))
+    assert len(parts) > 1 and any(p is big for p in parts)  # sent without a copy
+    ruled = _joined(
+        WRITE_ONE.params.encode_parts(
+            {"tableId": 1, "key": b"k", "value": b"v", "hasRules": True, "rejectRules": {}}
+        )
+    )
+    body = _decode_write_params(ruled)
+    assert type(body) is not tuple and body.hasRules
+    with pytest.raises(MalformedMessage):
+        _decode_version(memoryview(b"\xff" * 24))
 
 
 @pytest.fixture

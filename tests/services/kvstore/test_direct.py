@@ -1,0 +1,60 @@
+"""In-place messages: the generic encoder's bytes, read back field for field, and None for
+every layout they do not take (the callers then use the generic decoder)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rpcfast._schema import interface_spec
+from services.kvstore._direct import DirectStruct
+from services.kvstore._master import kv_capnp
+
+WRITE = interface_spec(kv_capnp.Master).by_name["write"]
+WRITE_SCHEMA = kv_capnp.Master.schema.methods["write"]
+PARAMS = DirectStruct(WRITE_SCHEMA.param_type, ["tableId"], ["key", "value"], flag="hasRules")
+RESULTS = DirectStruct(WRITE_SCHEMA.result_type, ["version"], [])
+U64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+def _generic(fields: dict[str, Any]) -> bytes:
+    return b"".join(bytes(p) for p in WRITE.params.encode_parts(fields))
+
+
+@settings(max_examples=200, deadline=None)
+@given(U64, st.binary(max_size=70), st.binary(max_size=3000))
+def test_encodes_like_the_generic_encoder_and_reads_it_back(
+    table_id: int, key: bytes, value: bytes
+) -> None:
+    message = PARAMS.encode((table_id,), (key, value))
+    assert message == _generic({"tableId": table_id, "key": key, "value": value})
+    got = PARAMS.read(memoryview(message))
+    assert got is not None
+    assert got[0] == table_id and bytes(got[1]) == key and bytes(got[2]) == value
+    result = RESULTS.encode((table_id,), ())
+    assert result == b"".join(bytes(p) for p in WRITE.results.encode_parts({"version": table_id}))
+    assert RESULTS.read(memoryview(result)) == (table_id,)
+
+
+def test_leaves_other_layouts_to_the_generic_decoder() -> None:
+    ruled = _generic(
+        {"tableId": 1, "key": b"k", "value": b"v", "hasRules": True, "rejectRules": {}}
+    )
+    assert PARAMS.read(memoryview(ruled)) is None  # the flag: reject rules to read
+    good = PARAMS.encode((1,), (b"key", b"value"))
+    assert PARAMS.read(memoryview(good)) is not None
+    bad = [
+        good[:-8],  # truncated: the segment is longer than the message
+        good[:20],  # shorter than the struct
+        b"\x01" + good[1:],  # a second segment
+        good[:8] + b"\x04" + good[9:],  # the root is not at offset 0
+        good[:12] + b"\x03" + good[13:],  # another struct shape
+        good[:32] + b"\x08" + good[33:],  # the key's pointer is no list pointer
+        good[:44] + b"\x1b" + good[45:],  # the value is a list of 16-bit elements
+        good[:44] + b"\xfa\xff\xff\x00" + good[48:],  # the value runs past the segment
+        good[:40] + b"\xfd\xff\xff\xff" + good[44:],  # a negative offset (the value's)
+    ]
+    for message in bad:
+        assert PARAMS.read(memoryview(message)) is None, message.hex()
