@@ -11,6 +11,7 @@ rpcfast-kv put|get|rm --coordinator ADDR TABLE KEY [VALUE]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -248,7 +249,7 @@ async def run_workload(coordinator: str, seconds: float, seed: int = 1) -> str:
     zipfian-ish popularity), bounded by count and time; returns a short report."""
     rng = random.Random(seed)
     keys = [f"user{i:06d}".encode() for i in range(10_000)]
-    weights = [1.0 / (i + 1) ** 0.99 for i in range(len(keys))]
+    weights = list(itertools.accumulate(1.0 / (i + 1) ** 0.99 for i in range(len(keys))))
     latencies: dict[str, list[float]] = {"read": [], "write": []}
     errors = 0
     async with await KvClient.open(coordinator=coordinator, timeout=10) as kv:
@@ -261,7 +262,7 @@ async def run_workload(coordinator: str, seconds: float, seed: int = 1) -> str:
         stop = time.perf_counter() + seconds
         ops = 0
         while time.perf_counter() < stop and ops < 2_000_000:
-            key = rng.choices(keys, weights)[0]
+            key = rng.choices(keys, cum_weights=weights)[0]  # (a bisection, not a sum)
             t0 = time.perf_counter()
             try:
                 if rng.random() < 0.5:
