@@ -13,7 +13,7 @@ import trio
 
 from services.kvstore import ObjectDoesntExist, TableDoesntExist
 from services.kvstore._client import KvClient
-from services.kvstore.cli import LocalCluster, build_parser, gather_status, main
+from services.kvstore.cli import LocalCluster, build_parser, gather_status, main, run_workload
 
 
 @pytest.fixture
@@ -51,6 +51,18 @@ def test_tables_span_servers_and_data_round_trips(cluster: LocalCluster) -> None
                 await kv.get_table_id("spread")
 
     trio.run(body)
+
+
+def test_the_mixed_workload_reports_both_operations_and_no_errors(
+    cluster: LocalCluster,
+) -> None:
+    report = trio.run(run_workload, cluster.coordinator, 0.5)
+    lines = report.strip().splitlines()
+    assert lines[0].startswith("workload: ") and "ops/s" in lines[0]
+    ops = int(lines[0].split()[1])
+    counts = {line.split()[0]: int(line.split()[1]) for line in lines[1:3]}
+    assert set(counts) == {"read", "write"} and sum(counts.values()) == ops > 0
+    assert lines[3].strip() == "errors 0, client retries 0"
 
 
 def test_killed_backup_loses_no_acknowledged_write(cluster: LocalCluster) -> None:
