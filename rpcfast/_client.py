@@ -261,9 +261,14 @@ class Connection:
             # no other task can run (the loop itself may sit in a checkpoint: it would only
             # poll): sleep in the kernel and take the response inline, as a blocking socket would
             until = pending.started + timeout if timeout else math.inf
-            while not pending.done and idle.may_block(1 if dispatcher.yielded else 0):
-                if not dispatcher.wait_inline(idle, until):
-                    break
+            try:
+                while not pending.done and idle.may_block(1 if dispatcher.yielded else 0):
+                    if not dispatcher.wait_inline(idle, until):
+                        break
+            except BaseException:  # (KeyboardInterrupt in the kernel wait): tell the server
+                if not pending.done:
+                    self.transport.cancel(pending)
+                raise
             if pending.done:
                 if self.trace is not None:
                     pending.recv_ns = _now_ns()

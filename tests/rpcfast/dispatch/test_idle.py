@@ -7,6 +7,7 @@ import math
 import socket
 import time
 
+import pytest
 import trio
 import trio.testing
 
@@ -149,6 +150,36 @@ def test_a_caller_waits_for_its_reply_in_the_kernel() -> None:
 
     try:
         assert trio.run(main) >= 10  # no spinning: the replies were waited for in epoll
+    finally:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        proc.wait(timeout=5)
+        proc.stdout.close()
+
+
+def test_a_kernel_wait_ended_by_an_exception_cancels_the_call() -> None:
+    proc, addresses = spawn_echo_server(["udp://127.0.0.1:0"])
+
+    class Interrupt(BaseException):
+        pass
+
+    def interrupted(idle: TrioIdle, until: float) -> bool:
+        raise Interrupt  # as a KeyboardInterrupt in epoll_wait would
+
+    async def main() -> None:
+        dispatcher = current(DispatchConfig(spin_budget=0.0, call_spin=0.0))
+        async with rpcfast.connect(addresses[0], timeout=5) as conn:
+            stub = conn.stub(echo_capnp.Echo)
+            assert await stub.ping() is None
+            await trio.sleep(0.01)
+            transport = conn.transport
+            dispatcher.wait_inline = interrupted  # type: ignore[method-assign]
+            with pytest.raises(Interrupt):
+                await stub.sleep(seconds=1.0)
+            assert not transport._calls  # type: ignore[attr-defined]  # cancelled, not left behind
+
+    try:
+        trio.run(main)
     finally:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
