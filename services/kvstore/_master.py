@@ -114,40 +114,19 @@ _READ_LAYOUT = _layout_of(kv_capnp.Master.schema.methods["read"].result_type)
 _READ_DIRECT = _READ_LAYOUT == (1, 1, {"value": 0, "version": 0}) and sys.byteorder == "little"
 
 
-_RP_DATA, _RP_PTRS, _RP_SLOTS = _layout_of(kv_capnp.Master.schema.methods["read"].param_type)
-# segment table and root pointer (u32 pairs), the data words, the pointers (u32 pairs)
-_RP_HEAD = struct.Struct(f"<4I{_RP_DATA}Q{2 * _RP_PTRS}I")
-_RP_SHAPE = _RP_DATA | _RP_PTRS << 16
-_RP_TABLE = 4 + _RP_SLOTS["tableId"]
-_RP_RULES_WORD, _RP_RULES_BIT = divmod(_RP_SLOTS["hasRules"], 64)
-_RP_RULES = 4 + _RP_RULES_WORD
-_RP_KEY_LO = 4 + _RP_DATA + 2 * _RP_SLOTS["key"]
-_RP_KEY_BASE = 2 + _RP_DATA + _RP_SLOTS["key"]  # words: table, root, data, up to key's pointer
+_READ_PARAMS = DirectStruct(
+    kv_capnp.Master.schema.methods["read"].param_type, ["tableId"], ["key"], flag="hasRules"
+)
 _GENERIC_READ_PARAMS = interface_spec(kv_capnp.Master).by_name["read"].params
 
 
 def _decode_read_params(body: memoryview) -> Any:
     """``read``'s params as ``(table id, key)`` when they carry no reject rules and have the
-    layout every client sends (one segment, the root struct first, the key after it); else
-    the generic body (the handler takes either). The key is a view of the receive buffer, as
-    the generic decoder's Data fields are."""
-    if len(body) >= _RP_HEAD.size:
-        head = _RP_HEAD.unpack_from(body)
-        lo = head[_RP_KEY_LO]
-        hi = head[_RP_KEY_LO + 1]
-        if (
-            head[0] == 0
-            and head[2] == 0
-            and head[3] == _RP_SHAPE
-            and not head[_RP_RULES] >> _RP_RULES_BIT & 1
-            and lo & 3 == 1
-            and hi & 7 == 2
-        ):
-            # the list starts (lo >> 2) words after its pointer (a negative offset is huge)
-            start = 8 * (_RP_KEY_BASE + 1 + (lo >> 2))
-            end = start + (hi >> 3)
-            if end <= 8 + 8 * head[1] <= len(body):
-                return head[_RP_TABLE], body[start:end]
+    layout every client sends; else the generic body (the handler takes either). The key is
+    a view of the receive buffer, as the generic decoder's Data fields are."""
+    fields = _READ_PARAMS.read(body)
+    if fields is not None:
+        return fields
     return _GENERIC_READ_PARAMS.decode(body)
 
 

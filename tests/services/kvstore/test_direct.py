@@ -28,12 +28,12 @@ def _generic(fields: dict[str, Any]) -> bytes:
 def test_encodes_like_the_generic_encoder_and_reads_it_back(
     table_id: int, key: bytes, value: bytes
 ) -> None:
-    message = PARAMS.encode((table_id,), (key, value))
+    message = PARAMS.encode(table_id, key, value)
     assert message == _generic({"tableId": table_id, "key": key, "value": value})
     got = PARAMS.read(memoryview(message))
     assert got is not None
     assert got[0] == table_id and bytes(got[1]) == key and bytes(got[2]) == value
-    result = RESULTS.encode((table_id,), ())
+    result = RESULTS.encode(table_id)
     assert result == b"".join(bytes(p) for p in WRITE.results.encode_parts({"version": table_id}))
     assert RESULTS.read(memoryview(result)) == (table_id,)
 
@@ -43,7 +43,7 @@ def test_leaves_other_layouts_to_the_generic_decoder() -> None:
         {"tableId": 1, "key": b"k", "value": b"v", "hasRules": True, "rejectRules": {}}
     )
     assert PARAMS.read(memoryview(ruled)) is None  # the flag: reject rules to read
-    good = PARAMS.encode((1,), (b"key", b"value"))
+    good = PARAMS.encode(1, b"key", b"value")
     assert PARAMS.read(memoryview(good)) is not None
     bad = [
         good[:-8],  # truncated: the segment is longer than the message
