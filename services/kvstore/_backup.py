@@ -42,6 +42,8 @@ import attrs
 import trio
 
 import rpcfast
+from rpcfast._schema import interface_spec
+from services.kvstore._direct import DirectStruct
 from services.kvstore.errors import KvError, Status
 
 log = logging.getLogger("kvstore.backup")
@@ -790,6 +792,23 @@ async def open_backup_store(
 
 
 # -- the RPC service ---------------------------------------------------------------------------
+_WRITE_SEGMENT = DirectStruct(
+    cluster_capnp.Backup.schema.methods["writeSegment"].param_type,
+    ("masterId", "segmentId", "offset", "data", "open", "close", "primary"),
+)
+_GENERIC_WRITE_PARAMS = interface_spec(cluster_capnp.Backup).by_name["writeSegment"].params
+
+
+def _decode_write(body: memoryview) -> Any:
+    """``writeSegment``'s params as ``(masterId, segmentId, offset, data, open, close,
+    primary)`` when in the layout masters send (data a view of the receive buffer), else the
+    generic body."""
+    fields = _WRITE_SEGMENT.read(body)
+    if fields is not None:
+        return fields
+    return _GENERIC_WRITE_PARAMS.decode(body)
+
+
 class _BackupHandlers(rpcfast.Service):
     """The handlers that do not depend on the durability mode."""
 
@@ -831,24 +850,25 @@ class BackupService(_BackupHandlers, interface=cluster_capnp.Backup):
         super().__init__(store)
 
     @rpcfast.fast
-    def writeSegment(self, request: rpcfast.Body) -> None:
+    @rpcfast.decode_with(_decode_write)
+    def writeSegment(self, request: Any) -> None:
         store = self.store
-        if (
-            not request.open
-            and not request.close
-            and store.append_nowait(
-                request.masterId, request.segmentId, request.offset, request.data
-            )
-        ):
+        if request.__class__ is tuple:  # in place (_decode_write)
+            master_id, segment_id, offset, data, opening, closing, primary = request
+        else:
+            master_id, segment_id, offset = request.masterId, request.segmentId, request.offset
+            data, opening, closing = request.data, request.open, request.close
+            primary = request.primary
+        if not opening and not closing and store.append_nowait(master_id, segment_id, offset, data):
             return
         store.write_nowait(
-            request.masterId,
-            request.segmentId,
-            request.offset,
-            request.data,
-            open=request.open,
-            close=request.close,
-            primary=request.primary,
+            master_id,
+            segment_id,
+            offset,
+            data,
+            open=opening,
+            close=closing,
+            primary=primary,
         )
 
 

@@ -99,9 +99,9 @@ _BYTES = {bytes}
 _BIG = 4096  # values this long go through rpcfast's encoder, which sends them without a copy
 
 
-_READ_PARAMS = DirectStruct(kv_capnp.Master.schema.methods["read"].param_type, ["tableId"], ["key"])
+_READ_PARAMS = DirectStruct(kv_capnp.Master.schema.methods["read"].param_type, ["tableId", "key"])
 _READ_RESULTS = DirectStruct(
-    kv_capnp.Master.schema.methods["read"].result_type, ["version"], ["value"]
+    kv_capnp.Master.schema.methods["read"].result_type, ["version", "value"]
 )
 
 
@@ -131,11 +131,9 @@ def _decode_read(body: memoryview) -> tuple[bytes, int]:
 _READ = interface_spec(kv_capnp.Master).by_name["read"]
 _WRITE = interface_spec(kv_capnp.Master).by_name["write"]
 _WRITE_PARAMS = DirectStruct(
-    kv_capnp.Master.schema.methods["write"].param_type, ["tableId"], ["key", "value"]
+    kv_capnp.Master.schema.methods["write"].param_type, ["tableId", "key", "value"]
 )
-_VERSION_RESULTS = DirectStruct(
-    kv_capnp.Master.schema.methods["write"].result_type, ["version"], []
-)
+_VERSION_RESULTS = DirectStruct(kv_capnp.Master.schema.methods["write"].result_type, ["version"])
 
 
 def _encode_write(params: tuple[Any, Any, Any]) -> list[Buffer]:

@@ -1,7 +1,7 @@
 """Messages of the hottest RPCs built and read in place, next to rpcfast's generic codec.
 
-A Cap'n Proto message of one segment whose root struct holds UInt64s, a Bool flag and Data
-fields is simple enough to lay out with one ``struct.pack`` (client) and to read with one
+A Cap'n Proto message of one segment whose root struct holds integers, Bools and Data fields
+is simple enough to lay out with one ``struct.pack`` (client) and to read with one
 ``struct.unpack_from`` and a slice per Data field (server): a few hundred instructions of
 Python where the generic codec takes several thousand. Only that layout is read in place;
 anything else (another encoder's layout, far pointers, several segments, reject rules) goes
@@ -19,32 +19,36 @@ from typing import Any
 _PAD = [b"", *(bytes(8 - r) for r in range(1, 8))]
 
 
-class DirectStruct:
-    """One struct's in-place layout: ``ints`` (UInt64 fields), ``datas`` (Data fields, laid
-    out in pointer order after the struct, as the generic encoder does) and an optional Bool
-    ``flag`` that must be false for :attr:`read` to take a message in place.
+_KINDS = ("uint64", "uint32", "bool", "data")
 
-    ``encode(*ints, *datas)`` returns the whole message (segment table first; each int in
-    ``0 <= value < 2**64``, each data a ``bytes``). ``read(body)`` returns ``(*ints, *datas)``
-    (Data as views of ``body``) if the message has the expected layout and a false flag, else
-    None.
+
+class DirectStruct:
+    """One struct's in-place layout for ``fields`` (UInt64, UInt32, Bool or Data fields of
+    the schema, in any order; Data fields are laid out in pointer order after the struct, as
+    the generic encoder does) and an optional Bool ``flag`` that must be false for
+    :attr:`read` to take a message in place.
+
+    ``encode(*values)`` (one per field, in order) returns the whole message, segment table
+    first; integers must fit their field, Data values must be ``bytes``. ``read(body)``
+    returns the values in the same order (Data as views of ``body``, Bools as bools) if the
+    message has the expected layout and a false flag, else None.
     """
 
     encode: Callable[..., bytes]
     read: Callable[[memoryview], tuple[Any, ...] | None]
 
-    def __init__(
-        self,
-        schema: Any,
-        ints: Sequence[str],
-        datas: Sequence[str],
-        flag: str | None = None,
-    ) -> None:
+    def __init__(self, schema: Any, fields: Sequence[str], flag: str | None = None) -> None:
         node = schema.node.struct
-        slots = {f.proto.name: f.proto.slot.offset for f in schema.fields_list}
+        info = {
+            f.proto.name: (str(f.proto.slot.type.which()), f.proto.slot.offset)
+            for f in schema.fields_list
+            if str(f.proto.which()) == "slot"
+        }
         d, p = node.dataWordCount, node.pointerCount
-        int_slots = [slots[name] for name in ints]
-        data_slots = [slots[name] for name in datas]
+        kinds = [info[name][0] for name in fields]
+        if any(kind not in _KINDS for kind in kinds):
+            raise ValueError(f"only {', '.join(_KINDS)} fields: {fields} are {kinds}")
+        data_slots = [info[name][1] for name in fields if info[name][0] == "data"]
         if sorted(data_slots) != data_slots:
             raise ValueError("Data fields must be given in pointer order")
         self.shape = d | p << 16
@@ -53,51 +57,68 @@ class DirectStruct:
         self.min_size = head.size
         env: dict[str, Any] = {"PACK": pack.pack, "UNPACK": head.unpack_from, "PAD": _PAD}
 
-        # encode: the words in order, pointers computed from the lengths
-        ints_args = [f"i{k}" for k in range(len(int_slots))]
-        data_args = [f"d{k}" for k in range(len(data_slots))]
-        lines = [f"def encode({', '.join(ints_args + data_args)}):"]
-        for k in range(len(data_slots)):
-            lines.append(f"    n{k} = len(d{k})")
+        # encode: every word as an expression of the arguments, pointers from the lengths
+        args = [f"a{k}" for k in range(len(fields))]
+        lines = [f"def encode({', '.join(args)}):"]
+        parts: list[list[str]] = [[] for _ in range(d + p)]
+        datas = []  # (argument, pointer slot) in pointer order
+        for arg, name, kind in zip(args, fields, kinds, strict=True):
+            slot = info[name][1]
+            if kind == "uint64":
+                parts[slot].append(arg)
+            elif kind == "uint32":
+                parts[slot // 2].append(f"{arg} << {32 * (slot % 2)}")
+            elif kind == "bool":
+                parts[slot // 64].append(f"({arg} and 1) << {slot % 64}")
+            else:
+                datas.append((arg, slot))
+        for k, (arg, _slot) in enumerate(datas):
+            lines.append(f"    n{k} = len({arg})")
             lines.append(f"    w{k} = (n{k} + 7) >> 3")
-        words = ["0"] * (d + p)
-        for k, slot in enumerate(int_slots):
-            words[slot] = f"i{k}"
-        for k, slot in enumerate(data_slots):
+        for k, (_arg, slot) in enumerate(datas):
             before = " + ".join(f"w{j}" for j in range(k)) or "0"
-            words[d + slot] = f"((n{k} << 3 | 2) << 32 | ({p - slot - 1} + {before}) << 2 | 1)"
-        total = " + ".join([str(1 + d + p), *(f"w{k}" for k in range(len(data_slots)))])
-        tail = "".join(f" + d{k} + PAD[n{k} & 7]" for k in range(len(data_slots)))
+            parts[d + slot].append(f"(n{k} << 3 | 2) << 32 | ({p - slot - 1} + {before}) << 2 | 1")
+        words = [" | ".join(f"({e})" for e in exprs) or "0" for exprs in parts]
+        total = " + ".join([str(1 + d + p), *(f"w{k}" for k in range(len(datas)))])
+        tail = "".join(f" + {arg} + PAD[n{k} & 7]" for k, (arg, _slot) in enumerate(datas))
         lines.append(f"    return PACK(0, {total}, {self.shape << 32}, {', '.join(words)}){tail}")
 
-        # read: check the table, the root, the flag and every Data pointer, then slice
+        # read: check the table, the root, the flag and every Data pointer, then take fields
         lines.append("def read(body):")
         lines.append(f"    if len(body) < {head.size}:")
         lines.append("        return None")
         lines.append("    h = UNPACK(body)")
         checks = ["h[0] != 0", "h[2] != 0", f"h[3] != {self.shape}"]
         if flag is not None:
-            word, bit = divmod(slots[flag], 64)
+            word, bit = divmod(info[flag][1], 64)
             checks.append(f"h[{4 + word}] >> {bit} & 1")
         lines.append(f"    if {' or '.join(checks)}:")
         lines.append("        return None")
         lines.append("    limit = 8 + 8 * h[1]")
         lines.append("    if limit > len(body):")
         lines.append("        return None")
-        out = [f"h[{4 + slot}]" for slot in int_slots]
-        for k, slot in enumerate(data_slots):
-            lo, hi = 4 + d + 2 * slot, 5 + d + 2 * slot
-            lines.append(f"    lo = h[{lo}]")
-            lines.append(f"    hi = h[{hi}]")
-            lines.append("    if lo & 3 != 1 or hi & 7 != 2:")
-            lines.append("        return None")
-            # from the segment's start: root, data, pointers before it, itself, the offset
-            # (a negative offset reads as a huge one: refused by the limit)
-            lines.append(f"    s{k} = 8 * ({3 + d + slot} + (lo >> 2))")
-            lines.append(f"    e{k} = s{k} + (hi >> 3)")
-            lines.append(f"    if e{k} > limit:")
-            lines.append("        return None")
-            out.append(f"body[s{k}:e{k}]")
+        out = []
+        for k, (name, kind) in enumerate(zip(fields, kinds, strict=True)):
+            slot = info[name][1]
+            if kind == "uint64":
+                out.append(f"h[{4 + slot}]")
+            elif kind == "uint32":
+                out.append(f"h[{4 + slot // 2}] >> {32 * (slot % 2)} & 0xFFFFFFFF")
+            elif kind == "bool":
+                out.append(f"h[{4 + slot // 64}] >> {slot % 64} & 1 == 1")
+            else:
+                lo, hi = 4 + d + 2 * slot, 5 + d + 2 * slot
+                lines.append(f"    lo = h[{lo}]")
+                lines.append(f"    hi = h[{hi}]")
+                lines.append("    if lo & 3 != 1 or hi & 7 != 2:")
+                lines.append("        return None")
+                # from the segment's start: root, data, pointers before it, itself, the
+                # offset (a negative offset reads as a huge one: refused by the limit)
+                lines.append(f"    s{k} = 8 * ({3 + d + slot} + (lo >> 2))")
+                lines.append(f"    e{k} = s{k} + (hi >> 3)")
+                lines.append(f"    if e{k} > limit:")
+                lines.append("        return None")
+                out.append(f"body[s{k}:e{k}]")
         lines.append(f"    return ({', '.join(out)},)")
         exec(compile("\n".join(lines), f"<DirectStruct {schema}>", "exec"), env)
         self.encode = env["encode"]

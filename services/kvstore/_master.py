@@ -115,7 +115,7 @@ _READ_DIRECT = _READ_LAYOUT == (1, 1, {"value": 0, "version": 0}) and sys.byteor
 
 
 _READ_PARAMS = DirectStruct(
-    kv_capnp.Master.schema.methods["read"].param_type, ["tableId"], ["key"], flag="hasRules"
+    kv_capnp.Master.schema.methods["read"].param_type, ["tableId", "key"], flag="hasRules"
 )
 _GENERIC_READ_PARAMS = interface_spec(kv_capnp.Master).by_name["read"].params
 
@@ -132,8 +132,7 @@ def _decode_read_params(body: memoryview) -> Any:
 
 _WRITE_PARAMS = DirectStruct(
     kv_capnp.Master.schema.methods["write"].param_type,
-    ["tableId"],
-    ["key", "value"],
+    ["tableId", "key", "value"],
     flag="hasRules",
 )
 _GENERIC_WRITE_PARAMS = interface_spec(kv_capnp.Master).by_name["write"].params

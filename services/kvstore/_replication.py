@@ -60,8 +60,9 @@ import attrs
 import trio
 
 import rpcfast
-from rpcfast._schema import interface_spec
+from rpcfast._schema import CustomCodec, interface_spec
 from services.kvstore._backup import cluster_capnp
+from services.kvstore._direct import DirectStruct
 from services.kvstore.errors import Retry
 
 log = logging.getLogger("kvstore.replication")
@@ -70,11 +71,41 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 SyncCallback: TypeAlias = Callable[[Exception | None], None]
 
 _BACKUP = interface_spec(cluster_capnp.Backup)
-_WRITE = _BACKUP.by_name["writeSegment"]
 _FREE = _BACKUP.by_name["freeSegment"]
 _FREE_ATTEMPTS = 3
 # writes shorter than this send a bytes copy (shared by the replicas); longer ones a view
 _SMALL_WRITE = 4096
+_GENERIC_WRITE = _BACKUP.by_name["writeSegment"]
+_WRITE_FIELDS = ("masterId", "segmentId", "offset", "data", "open", "close", "primary")
+_WRITE_SEGMENT = DirectStruct(
+    cluster_capnp.Backup.schema.methods["writeSegment"].param_type, _WRITE_FIELDS
+)
+
+
+def _encode_write(params: dict[str, Any]) -> list[Buffer]:
+    """``writeSegment``'s params built in place when the data is a small ``bytes`` copy (the
+    common write, sent to R backups); views of larger data go through the generic encoder,
+    which sends them without a copy."""
+    data = params["data"]
+    offset = params["offset"]
+    if data.__class__ is bytes and len(data) < _SMALL_WRITE and 0 <= offset < 1 << 32:
+        return [
+            _WRITE_SEGMENT.encode(
+                params["masterId"],
+                params["segmentId"],
+                offset,
+                data,
+                params["open"],
+                params["close"],
+                params["primary"],
+            )
+        ]
+    return _GENERIC_WRITE.params.encode_parts(params)
+
+
+_WRITE = attrs.evolve(
+    _GENERIC_WRITE, params=CustomCodec.over(_GENERIC_WRITE.params, encode=_encode_write)
+)
 _clock = time.monotonic
 
 

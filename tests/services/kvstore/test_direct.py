@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rpcfast._schema import interface_spec
+from rpcfast._wire import MalformedMessage
+from services.kvstore._backup import _decode_write as decode_write_segment
 from services.kvstore._direct import DirectStruct
 from services.kvstore._master import kv_capnp
+from services.kvstore._replication import _GENERIC_WRITE as GENERIC_WRITE_SEGMENT
+from services.kvstore._replication import _encode_write as encode_write_segment
 
 WRITE = interface_spec(kv_capnp.Master).by_name["write"]
 WRITE_SCHEMA = kv_capnp.Master.schema.methods["write"]
-PARAMS = DirectStruct(WRITE_SCHEMA.param_type, ["tableId"], ["key", "value"], flag="hasRules")
-RESULTS = DirectStruct(WRITE_SCHEMA.result_type, ["version"], [])
+PARAMS = DirectStruct(WRITE_SCHEMA.param_type, ["tableId", "key", "value"], flag="hasRules")
+RESULTS = DirectStruct(WRITE_SCHEMA.result_type, ["version"])
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 
 
@@ -58,3 +63,52 @@ def test_leaves_other_layouts_to_the_generic_decoder() -> None:
     ]
     for message in bad:
         assert PARAMS.read(memoryview(message)) is None, message.hex()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    U64,
+    U64,
+    st.integers(min_value=0, max_value=2**32 - 1),
+    st.binary(max_size=300),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_replication_writes_are_the_generic_bytes_and_read_back_on_backups(
+    master: int, segment: int, offset: int, data: bytes, opening: bool, closing: bool, primary: bool
+) -> None:
+    params = {
+        "masterId": master,
+        "segmentId": segment,
+        "offset": offset,
+        "data": data,
+        "open": opening,
+        "close": closing,
+        "primary": primary,
+    }
+    message = b"".join(bytes(p) for p in encode_write_segment(params))
+    assert message == b"".join(bytes(p) for p in GENERIC_WRITE_SEGMENT.params.encode_parts(params))
+    got = decode_write_segment(memoryview(message))
+    assert type(got) is tuple
+    assert got[:3] == (master, segment, offset) and bytes(got[3]) == data
+    assert got[4:] == (opening, closing, primary)
+
+
+def test_replication_writes_of_big_or_viewed_data_take_the_generic_codec() -> None:
+    params: dict[str, Any] = {
+        "masterId": 1,
+        "segmentId": 2,
+        "offset": 0,
+        "data": bytes(8192),
+        "open": False,
+        "close": False,
+        "primary": True,
+    }
+    parts = encode_write_segment(params)
+    assert any(p is params["data"] for p in parts)  # sent without a copy
+    params["data"] = memoryview(b"view")
+    message = b"".join(bytes(p) for p in encode_write_segment(params))
+    assert decode_write_segment(memoryview(message))[3] == b"view"  # (same layout)
+    with pytest.raises(MalformedMessage):  # truncated: not in place, and the generic decoder
+        decode_write_segment(memoryview(message[:-8]))  # refuses it
