@@ -137,9 +137,18 @@ class StructCodec:
         ``to_bytes`` costs ~2.5 ms for a 1 MB message here and ``to_segments`` ~50 us, we frame
         the segments ourselves (Cap'n Proto's stream framing: segment count - 1, each segment's
         size in words, padding to a word). Small one-segment messages are joined (cheaper than a
-        scatter send)."""
+        scatter send).
+
+        A value with an ``rpcfast_message()`` method (a hand-written result, say) returns the
+        whole message itself, framing included, as a scatter list."""
         fast = self.fast
-        if value is None or value.__class__ is dict or isinstance(value, Mapping):
+        cls = value.__class__
+        if cls is not dict and value is not None:
+            message = getattr(value, "rpcfast_message", None)
+            if message is not None:
+                parts: list[Buffer] = message()
+                return parts
+        if value is None or cls is dict or isinstance(value, Mapping):
             if not value and self.empty:
                 return []
             if fast is not None:
@@ -148,7 +157,7 @@ class StructCodec:
                 except Unsupported:
                     pass  # pycapnp takes it, or raises its own error for it
             value = self.module.new_message(**(value or {}))
-        elif fast is not None and value.__class__ is fast.cls:
+        elif fast is not None and cls is fast.cls:
             try:
                 return fast.encode(value)
             except Unsupported:

@@ -81,3 +81,15 @@ def test_codecs_for_an_unknown_method_are_refused() -> None:
             conn.stub(echo_capnp.Echo, codecs={"nope": (None, None)})
 
     trio.run(main)
+
+
+def test_a_result_that_frames_its_own_message_is_sent_as_it_is() -> None:
+    framed = ECHO.results.encode_parts({"data": b"abc"})
+
+    class Framed:
+        def rpcfast_message(self) -> list[Any]:
+            return framed
+
+    assert ECHO.results.encode_parts(Framed()) is framed
+    body = ECHO.results.decode(memoryview(b"".join(bytes(p) for p in framed)))
+    assert body is not None and bytes(body.data) == b"abc"

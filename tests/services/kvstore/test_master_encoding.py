@@ -10,9 +10,9 @@ import pytest
 from rpcfast._schema import MethodSpec, interface_spec
 from services.kvstore import ObjectManager, Status, StorageConfig
 from services.kvstore._master import (
-    _READ_DIRECT,
     MasterService,
     _ReadResult,
+    _VersionResult,
     _Versions,
     _versions_outcomes,
     kv_capnp,
@@ -46,13 +46,21 @@ def test_versions_encode_like_the_generic_encoder(versions: list[int]) -> None:
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 100, 4095, 4096, 5000])
 def test_read_result_encodes_like_the_generic_encoder(size: int) -> None:
-    assert _READ_DIRECT  # the schema's layout is the one _ReadResult writes
     method = METHODS["read"]
     value = memoryview(bytearray(i % 251 for i in range(size)))
     direct = _bytes(method, _ReadResult(value, 2**64 - 3))
     assert direct == _bytes(method, {"value": value, "version": 2**64 - 3})
     body = method.results.decode_capnp(memoryview(direct))
     assert (bytes(body.value), body.version) == (bytes(value), 2**64 - 3)
+
+
+@pytest.mark.parametrize("version", [0, 1, 2**32, 2**64 - 1])
+def test_version_result_encodes_like_the_generic_encoder(version: int) -> None:
+    for name in ("write", "remove"):  # (the same struct shape)
+        method = METHODS[name]
+        direct = _bytes(method, _VersionResult(version))
+        assert direct == _bytes(method, {"version": version})
+        assert method.results.decode_capnp(memoryview(direct)).version == version
 
 
 def test_failures_go_out_as_per_item_outcomes() -> None:
