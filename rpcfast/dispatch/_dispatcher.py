@@ -36,7 +36,7 @@ import attrs
 import trio
 
 from rpcfast.dispatch._idle import INPUT, TRIO, TrioIdle
-from rpcfast.dispatch._poller import CLOSED, FAILED, PARK, YIELD, LoadProbe, Poller
+from rpcfast.dispatch._poller import CLOSED, FAILED, PARK, LoadProbe, Poller
 
 if TYPE_CHECKING:
     from rpcfast.transports import Transport
@@ -206,37 +206,29 @@ class Dispatcher:
         try:
             while True:
                 action = spin()
-                if action == YIELD:
-                    self.yielded = True
-                    await checkpoint()
-                    self.yielded = False
-                    resumed(False)
-                elif action == PARK:
+                if action == PARK:
                     if idle is None or not idle.usable():
                         if await self._park():
                             self.took_input()
                         resumed(True)
-                    elif idle.pending:  # other tasks can run: let them, then look again
-                        self.yielded = True
-                        await checkpoint()
-                        self.yielded = False
-                        resumed(False)
-                    else:
+                        continue
+                    if not idle.pending:
                         woke = self._block(idle)
-                        if woke == TRIO:  # trio's own work: run it, then park again at once
-                            self.yielded = True
-                            await checkpoint()
-                            self.yielded = False
-                            resumed(False)
-                        else:  # input (or one of our timers): spin again for the budget
+                        if woke != TRIO:  # input (or one of our timers): spin for the budget
                             if woke == INPUT:
                                 self.took_input()
                             resumed(True)
+                            continue
+                    # other tasks can run, or trio has work of its own: let them, look again
                 elif action == FAILED:
                     await trio.sleep(0.001)
-                else:
-                    assert action == CLOSED
+                    continue
+                elif action == CLOSED:
                     return
+                self.yielded = True
+                await checkpoint()
+                self.yielded = False
+                resumed(False)
         finally:
             self.close()
 
@@ -251,35 +243,33 @@ class Dispatcher:
             transport.drain(now)
         return False
 
+    def _has_pending(self) -> bool:
+        """A transport has input that no fd announces (in-process, ZeroMQ's edge trigger)."""
+        return any(transport.has_pending() for transport in self._transports)
+
     def wait_inline(self, idle: TrioIdle, until: float) -> bool:
         """For a task waiting for its own response while :meth:`TrioIdle.may_block` holds:
         sleep in the kernel until input (taken at once, in this task) or until trio has work
         or ``until`` passes. Returns whether there was input; False: wait in trio instead."""
-        for transport in self._transports:
-            if transport.has_pending():  # input no fd announces (in-process, ZeroMQ)
-                self.poller.poll_all()
-                return True
-        if idle.block(until) != INPUT:
+        if not self._has_pending() and idle.block(until) != INPUT:
             return False
         self.took_input()
         return True
 
     def _block(self, idle: TrioIdle) -> int:
         """Park in the kernel, this task still running (no other task can run meanwhile)."""
+        if self._has_pending():
+            return INPUT
         poller = self.poller
-        for transport in self._transports:
-            if transport.has_pending():
-                return 0
         poller.n_parks += 1
         poller.slept = True
         return idle.block(poller.next_deadline)
 
     async def _park(self) -> bool:
         """Park as a trio task until an fd is readable (True) or the next timer (False)."""
+        if self._has_pending():
+            return True
         poller = self.poller
-        for transport in self._transports:
-            if transport.has_pending():
-                return False
         poller.n_parks += 1
         poller.slept = True
         timeout = poller.next_deadline - _clock()

@@ -218,6 +218,7 @@ class UdpTransport(Transport):
                         break
         finally:
             self._now = 0.0
+        # _settle inlined: poll runs between every two datagrams, mostly finding nothing
         if core.events:
             self._deliver()
         if core.outbox:
@@ -225,6 +226,17 @@ class UdpTransport(Transport):
         if core.deadline_moved:
             self._rearm()
         return count > 0
+
+    def _settle(self) -> None:
+        """After receiving: hand over what the session core completed, send what it queued,
+        move the timer."""
+        core = self.core
+        if core.events:
+            self._deliver()
+        if core.outbox:
+            self._flush()
+        if core.deadline_moved:
+            self._rearm()
 
     def drain(self, now: float) -> None:
         """Receive on the sockets :meth:`poll` skips (channels without calls outstanding, a
@@ -256,12 +268,7 @@ class UdpTransport(Transport):
                     core.receive(data, sender, now)
         finally:
             self._now = 0.0
-        if core.events:
-            self._deliver()
-        if core.outbox:
-            self._flush()
-        if core.deadline_moved:
-            self._rearm()
+        self._settle()
 
     def _on_response(self, rpc_id: int, payload: memoryview) -> None:
         calls = self._calls
