@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 # instead: an edit must rebuild them (rpcfast/_compiled.py lists them; import refuses stale ones).
 HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py rpcfast/dispatch/_poller.py rpcfast/_router.py rpcfast/_fastcall.py
 
-$(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH)
+$(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH) rpcfast/transports/_sockops.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat

@@ -1,7 +1,8 @@
 """Build hook: compile rpcfast's per-datagram hot path with mypyc (everything else is pyproject).
 
 The modules named in ``rpcfast/_compiled.py`` become C extension modules, which cuts the
-interpreter's share of a round trip. They stay plain Python as well, and are installed as such:
+interpreter's share of a round trip, and its hand-written C sources (``C_SOURCES``) are built
+beside them. They stay plain Python as well, and are installed as such:
 
 * ``RPCFAST_NO_MYPYC=1`` at build time, or no mypyc or C compiler: a warning, pure Python.
 * A failure while compiling the generated C (say, no Python headers): a warning, pure Python.
@@ -32,17 +33,27 @@ INPLACE_ARGS = {"editable_wheel", "develop", "--inplace", "-i"}
 
 def _compiled_constants() -> tuple[list[str], str]:
     """``HOT_PATH`` and ``GROUP`` from rpcfast/_compiled.py, read without importing rpcfast."""
+    found = _constants("HOT_PATH", "GROUP")
+    return list(found["HOT_PATH"]), str(found["GROUP"])
+
+
+def _c_sources() -> list[str]:
+    """``C_SOURCES`` from rpcfast/_compiled.py."""
+    return list(_constants("C_SOURCES")["C_SOURCES"])
+
+
+def _constants(*names: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     tree = ast.parse((ROOT / "rpcfast" / "_compiled.py").read_text())
     for node in tree.body:
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
-            and node.target.id in ("HOT_PATH", "GROUP")
+            and node.target.id in names
             and node.value is not None
         ):
             found[node.target.id] = ast.literal_eval(node.value)
-    return list(found["HOT_PATH"]), str(found["GROUP"])
+    return found
 
 
 def _warn(message: str) -> None:
@@ -61,6 +72,7 @@ def _remove_inplace_extensions(sources: list[str], group: str) -> None:
     package, _, lib = group.rpartition(".")
     candidates = [ROOT / package.replace(".", "/") / f"{lib}__mypyc"]
     candidates += [ROOT / source.removesuffix(".py") for source in sources]
+    candidates += [ROOT / source.removesuffix(".c") for source in _c_sources()]
     for stem in candidates:
         for path in stem.parent.glob(f"{stem.name}.*.so"):
             print(f"rpcfast: removing {path.relative_to(ROOT)} (pure Python build)")
@@ -88,6 +100,9 @@ def hot_path_extensions() -> list[Extension]:
     extensions: list[Extension] = mypycify(
         ["--follow-imports=silent", *sources], group_name=group, opt_level="3"
     )
+    for source in _c_sources():
+        name = source.removesuffix(".c").replace("/", ".")
+        extensions.append(Extension(name, [source], extra_compile_args=["-O2"]))
     return extensions
 
 

@@ -28,6 +28,10 @@ HOT_PATH: Final = (
 )
 """Sources compiled with mypyc, relative to the project root."""
 
+C_SOURCES: Final = ("rpcfast/transports/_sockops.c",)
+"""Hand-written C extension modules, built beside the compiled hot path (and only with it: a pure
+Python build uses ``rpcfast/transports/_sockops_py.py``)."""
+
 GROUP: Final = "rpcfast._hotpath"
 """mypyc's name for the shared library of the group (``rpcfast/_hotpath__mypyc*.so``)."""
 
@@ -35,8 +39,8 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 
 
 def module_name(source: str) -> str:
-    """``"rpcfast/transports/_udp.py"`` -> ``"rpcfast.transports._udp"``."""
-    return source.removesuffix(".py").replace("/", ".")
+    """``"rpcfast/transports/_udp.py"`` -> ``"rpcfast.transports._udp"`` (``.c`` alike)."""
+    return source.removesuffix(".py").removesuffix(".c").replace("/", ".")
 
 
 def extension_of(source: Path) -> Path | None:
@@ -51,7 +55,7 @@ def extension_of(source: Path) -> Path | None:
 def stale_extensions(root: Path = ROOT) -> list[tuple[Path, Path]]:
     """(source, extension) pairs whose source was modified after the extension was built."""
     stale = []
-    for relative in HOT_PATH:
+    for relative in (*HOT_PATH, *C_SOURCES):
         source = root / relative
         extension = extension_of(source)
         if extension is not None and source.stat().st_mtime > extension.stat().st_mtime:
@@ -83,7 +87,7 @@ def hot_path_compiled() -> bool:
         module = sys.modules.get(module_name(relative))
         if module is None or str(module.__file__).endswith(".py"):
             return False
-    return True
+    return all(module_name(relative) in sys.modules for relative in C_SOURCES)
 
 
 check_fresh()

@@ -16,6 +16,7 @@ from rpcfast import _wire
 from rpcfast._errors import RemoteError, Status
 from rpcfast._pending import PendingCall
 from rpcfast.dispatch._poller import Poller
+from rpcfast.transports._udp import UdpTransport
 
 _clock: Final = time.perf_counter
 _HEADER_SIZE: Final = _wire.HEADER_SIZE
@@ -93,6 +94,8 @@ class Caller:
         self.call_spin = call_spin
         self.timeout = timeout
         self.closed = False
+        # UDP calls go inline (UdpTransport.call_inline): no per-call PendingCall or delivery
+        self.udp: UdpTransport | None = transport if isinstance(transport, UdpTransport) else None
 
     def call(self, plan: CallPlan, params: Any, timeout: float | None) -> Any:
         """Encode, send and spin for up to ``call_spin``. Returns the decoded result (None for
@@ -107,8 +110,11 @@ class Caller:
             raise RuntimeError("connection is closed")
         if timeout is None:
             timeout = self.timeout
-        pending = PendingCall()
         start = _clock()
+        udp = self.udp
+        if udp is not None and udp.call_inline(self.peer, message, start):
+            return self.spin_inline(udp, plan, start, timeout)
+        pending = PendingCall()
         pending.started = start
         self.transport.call(self.peer, message, pending)
         if not pending.done:
@@ -123,6 +129,36 @@ class Caller:
             if not pending.done:
                 return pending
         return self.finish(plan, pending)
+
+    def spin_inline(
+        self, udp: UdpTransport, plan: CallPlan, start: float, timeout: float | None
+    ) -> Any:
+        """:meth:`call`'s spin for an inline UDP call (``UdpTransport.call_inline``)."""
+        core = udp.core
+        spin_until = start + self.call_spin
+        if timeout is not None and start + timeout < spin_until:
+            spin_until = start + timeout
+        poller = self.poller
+        try:
+            while True:
+                poller.poll_once()
+                if core.inline_view is not None or core.inline_error is not None:
+                    break
+                if _clock() > spin_until:
+                    break
+        except BaseException:
+            udp.end_inline(None)  # cancelled
+            raise
+        view = core.inline_view
+        if view is not None:
+            udp.end_inline(None)
+            return self.decode(plan, view)
+        pending = PendingCall()
+        pending.started = start
+        udp.end_inline(pending)
+        if pending.done:
+            return self.finish(plan, pending)
+        return pending
 
     def start(
         self, plan: CallPlan, params: Any, callback: Callable[[Any, Exception | None], None]
@@ -146,6 +182,10 @@ class Caller:
             raise error
         payload = pending.payload
         assert payload is not None
+        return self.decode(plan, payload)
+
+    def decode(self, plan: CallPlan, payload: memoryview) -> Any:
+        """The result in a response (or raise its error)."""
         head = _unpack_response(payload)
         status: int = head[0]
         rflags: int = head[1]

@@ -441,18 +441,24 @@ class _ServerRpc(_Sender):
 
 
 _SMALL: Final = 2048
-"""Messages up to this size made only of ``bytes`` are joined into one buffer: copying a few
-hundred bytes costs less than a scatter send, and the driver can use ``sendto``."""
+"""Messages up to this size made only of ``bytes`` and ``bytearray`` are joined into one bytes
+object: copying a few hundred bytes costs less than a scatter send, the driver can use
+``sendto``, and the core keeps an immutable copy for retransmission."""
 
 
 def _join_small(message: Sequence[Buffer]) -> bytes | None:
-    """``message`` as one bytes object if it is short and made of bytes only, else None."""
+    """``message`` as one bytes object if it is short and made of bytes and bytearrays only
+    (what encoders produce), else None."""
     if len(message) == 1:
         only = message[0]
-        return only if type(only) is bytes and len(only) <= _SMALL else None
+        if type(only) is bytes:
+            return only if len(only) <= _SMALL else None
+        if type(only) is bytearray and len(only) <= _SMALL:
+            return bytes(only)
+        return None
     total = 0
     for buf in message:
-        if type(buf) is not bytes:
+        if type(buf) is not bytes and type(buf) is not bytearray:
             return None
         total += len(buf)
     return b"".join(message) if total <= _SMALL else None
@@ -494,6 +500,7 @@ class SessionCore:
         "_frag",
         "_grant_step",
         "_idle",
+        "_inline_seq",
         "_keep",
         "_kept",
         "_last_rpc",
@@ -514,6 +521,8 @@ class SessionCore:
         "config",
         "deadline_moved",
         "events",
+        "inline_error",
+        "inline_view",
         "outbox",
         "request_sink",
         "response_sink",
@@ -565,6 +574,11 @@ class SessionCore:
         # the request delivered last, so its reply (usually the very next call) skips lookups
         self._last_token: RequestToken | None = None
         self._last_rpc: _ServerRpc | None = None
+        # the inline call (call_inline): its sequence number (0: none), then its response or
+        # why it failed
+        self._inline_seq = 0
+        self.inline_view: memoryview | None = None
+        self.inline_error: str | None = None
 
     # -- introspection ----------------------------------------------------------------------------
     def outstanding_calls(self) -> int:
@@ -658,6 +672,69 @@ class SessionCore:
         self._call_done(rpc_id)
         self._send_control(rpc.peer, _ABORT, _FROM_CLIENT, 0, rpc_id, 0)
 
+    # -- client role: the inline call ---------------------------------------------------------
+    def call_inline(self, peer: Addr, small: bytes, now: float) -> bytes | None:
+        """Start a one-datagram call whose caller sends the returned datagram itself, then
+        calls :meth:`track_inline`, and polls until ``inline_view`` (the response) or
+        ``inline_error`` is set: the response is handed over there instead of to
+        ``response_sink`` or ``events``. The caller ends it with :meth:`end_inline`, or with
+        :meth:`adopt_inline` to make it an ordinary call when it stops polling first.
+
+        None (nothing started) when the call must take :meth:`call`: an inline call is already
+        in progress, output is queued, or ``small`` is over one datagram."""
+        if self._inline_seq or self.outbox or len(small) > self._frag:
+            return None
+        if len(small) > self._max_message:
+            return None
+        seq = self._next_seq
+        if self._calls:
+            ack = seq - self._lowest
+            if ack > _MAX_ACK:
+                ack = _MAX_ACK
+        else:
+            ack = 0
+        self._inline_seq = seq
+        self.inline_view = None
+        self.inline_error = None
+        return _FAST.pack(_REQUEST_HEAD, len(small), self.client_id, seq, ack << 48) + small
+
+    def track_inline(self, peer: Addr, small: bytes, now: float) -> int:
+        """The inline call's record (after its datagram left: it is off the round trip's
+        critical path); returns its rpc_id."""
+        seq = self._inline_seq
+        self._next_seq = seq + 1
+        calls = self._calls
+        if not calls:
+            self._lowest = seq
+        calls[seq] = _ClientRpc(peer, self.client_id, seq, (small,), len(small), now)
+        self.stats.datagrams_out += 1
+        if self._tick_at is None:
+            self._tick_at = now + self._ri
+            self.deadline_moved = True
+        return seq
+
+    def end_inline(self) -> memoryview | None:
+        """End the inline call: its response, or None when it has none (then, unless it
+        failed, it is cancelled: the server is told and a late response is dropped)."""
+        seq = self._inline_seq
+        view = self.inline_view
+        self._inline_seq = 0
+        self.inline_view = None
+        self.inline_error = None
+        if view is None and seq:
+            self.cancel(seq, 0.0)
+        return view
+
+    def adopt_inline(self) -> int:
+        """Make the inline call, without response yet, an ordinary call (its response goes to
+        ``response_sink`` or ``events`` like any other); returns its rpc_id. Raises
+        RuntimeError when it has a response or failed (take those with :meth:`end_inline`)."""
+        seq = self._inline_seq
+        if not seq or self.inline_view is not None or self.inline_error is not None:
+            raise RuntimeError("no inline call waiting for its response")
+        self._inline_seq = 0
+        return seq
+
     # -- server role --------------------------------------------------------------------------
     def reply(self, token: RequestToken, message: Sequence[Buffer], now: float) -> None:
         """Send the response for a delivered request. A reply for a request the client has
@@ -744,6 +821,9 @@ class SessionCore:
                         del calls[seq]
                         if seq == self._lowest:
                             self._lowest = next(iter(calls)) if calls else self._next_seq
+                        if seq == self._inline_seq:
+                            self.inline_view = _memoryview(datagram)[HEADER_SIZE:]
+                            return True
                         sink = self.response_sink
                         if sink is None:
                             self.events.append(
@@ -1011,6 +1091,9 @@ class SessionCore:
 
     # -- internals: delivery ------------------------------------------------------------------
     def _response(self, seq: int, payload: memoryview) -> None:
+        if seq == self._inline_seq:
+            self.inline_view = payload
+            return
         sink = self.response_sink
         if sink is None:
             self.events.append((EV_RESPONSE, seq, payload))
@@ -1035,7 +1118,10 @@ class SessionCore:
         del self._calls[rpc.seq]
         self._call_done(rpc.seq)
         self.stats.calls_failed += 1
-        self.events.append((EV_FAILED, rpc.seq, reason))
+        if rpc.seq == self._inline_seq:
+            self.inline_error = reason
+        else:
+            self.events.append((EV_FAILED, rpc.seq, reason))
         if tell_server:
             self._send_control(rpc.peer, _ABORT, _FROM_CLIENT, 0, rpc.seq, 0)
 

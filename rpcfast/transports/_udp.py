@@ -21,15 +21,22 @@ from urllib.parse import parse_qs
 
 from rpcfast._errors import PeerDead
 from rpcfast._session import (
+    _SMALL,
     EV_ABORTED,
     EV_FAILED,
     EV_REQUEST,
     EV_RESPONSE,
     SessionConfig,
     SessionCore,
+    _join_small,
 )
 from rpcfast._types import Buffer
 from rpcfast.transports._base import RequestSink, Transport
+
+try:  # the C calls (built with the compiled hot path), else their pure-Python equivalent
+    from rpcfast.transports._sockops import SockOps
+except ImportError:  # pragma: no cover - pure Python installs
+    from rpcfast.transports._sockops_py import SockOps  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from rpcfast._pending import PendingCall
@@ -101,8 +108,9 @@ class _Channel:
     def __init__(self, sock: socket.socket, addr: Any) -> None:
         self.sock = sock
         self.addr = addr  # the session core's address object for the server (compared by identity)
-        self.recv = sock.recv
-        self.send = sock.send
+        self.ops = ops = SockOps(sock)
+        self.recv = ops.recv  # None when nothing is waiting
+        self.send = ops.send  # False when the socket buffer is full
         self.sendmsg = sock.sendmsg
         self.outstanding = 0
 
@@ -135,9 +143,12 @@ class UdpTransport(Transport):
         self._channels: dict[Any, _Channel] = {}  # server address -> its connected socket
         self._polled: list[_Channel] = []  # the channels with calls outstanding
         self._main_calls = 0  # calls of a client-only endpoint made over its unconnected socket
+        self._inline_chan: _Channel | None = None  # the channel of the inline call in progress
+        self.n_inline_calls = 0  # calls sent by call_inline
         self.n_drained = 0  # datagrams taken in by drain() (late replies on idle sockets)
-        self._recvfrom = sock.recvfrom
-        self._sendto = sock.sendto
+        self._ops = ops = SockOps(sock)
+        self._recvfrom = ops.recvfrom  # None when nothing is waiting
+        self._sendto = ops.sendto  # False when the socket buffer is full
         self._sendmsg = sock.sendmsg
         if max_datagram is None:
             max_datagram = LOOPBACK_DATAGRAM if is_loopback(host) else NETWORK_DATAGRAM
@@ -191,10 +202,10 @@ class UdpTransport(Transport):
                 while count < _BATCH:
                     try:
                         data = recv(_RECV_SIZE)
-                    except (BlockingIOError, InterruptedError):
-                        break
                     except OSError as exc:  # e.g. the server's port is closed (ICMP)
                         log.debug("udp receive error from %s: %s", addr, exc)
+                        break
+                    if data is None:
                         break
                     count += 1
                     if core.receive(data, addr, now):
@@ -205,12 +216,13 @@ class UdpTransport(Transport):
             if not done and (not self._client_only or self._main_calls):
                 while count < _BATCH:
                     try:
-                        data, addr = recvfrom(_RECV_SIZE)
-                    except (BlockingIOError, InterruptedError):
-                        break
+                        got = recvfrom(_RECV_SIZE)
                     except OSError as exc:  # e.g. an ICMP error queued on the socket
                         log.debug("udp receive error: %s", exc)
                         break
+                    if got is None:
+                        break
+                    data, addr = got
                     count += 1
                     if core.receive(data, addr, now):
                         # a request or response was handed over (and a fast reply sent):
@@ -286,9 +298,7 @@ class UdpTransport(Transport):
             self._main_calls -= 1
             return
         pending.channel = None
-        chan.outstanding -= 1
-        if chan.outstanding == 0:
-            self._polled.remove(chan)
+        self._release_channel(chan)
 
     @property
     def sink(self) -> RequestSink | None:
@@ -344,19 +354,24 @@ class UdpTransport(Transport):
             try:
                 if chan is not None:
                     if len(buffers) == 1:
-                        chan.send(buffers[0])
+                        sent = chan.send(buffers[0])
                     else:
                         chan.sendmsg(buffers)
+                        sent = True
                 elif len(buffers) == 1:  # one contiguous datagram: the cheaper call
-                    self._sendto(buffers[0], addr)
+                    sent = self._sendto(buffers[0], addr)
                 else:
                     self._sendmsg(buffers, (), 0, addr)
+                    sent = True
             except (BlockingIOError, InterruptedError):
-                outbox.appendleft((addr, buffers))
-                return  # socket buffer full: has_pending() keeps the dispatcher polling
+                sent = False
             except OSError as exc:  # unreachable peer, message too long: the core resends or aborts
                 self.send_errors += 1
                 log.debug("udp send to %s failed: %s", addr, exc)
+                continue
+            if not sent:
+                outbox.appendleft((addr, buffers))
+                return  # socket buffer full: has_pending() keeps the dispatcher polling
 
     def _send_now(self, addr: Any, datagram: bytes) -> bool:
         """Send one datagram at once (the session core's common case, without ``outbox``);
@@ -364,11 +379,8 @@ class UdpTransport(Transport):
         chan = self._channels.get(addr) if self._client_only else None
         try:
             if chan is not None:
-                chan.send(datagram)
-            else:
-                self._sendto(datagram, addr)
-        except (BlockingIOError, InterruptedError):
-            return False
+                return chan.send(datagram)
+            return self._sendto(datagram, addr)
         except OSError as exc:  # unreachable peer: as in _flush, the core resends or aborts
             self.send_errors += 1
             log.debug("udp send to %s failed: %s", addr, exc)
@@ -419,6 +431,83 @@ class UdpTransport(Transport):
         if core.deadline_moved:
             self._rearm()
 
+    def call_inline(self, peer: str, message: Sequence[Buffer], now: float) -> bool:
+        """Send a call whose caller polls for the response itself (``SessionCore.call_inline``:
+        the response lands in ``core.inline_view``, or the failure in ``core.inline_error``);
+        the caller then calls :meth:`end_inline`. False, with nothing sent, when the call must
+        go through :meth:`call` instead: only a client endpoint's one-datagram calls to a
+        server it has a channel to (made by an earlier :meth:`call`) go inline."""
+        if not self._client_only or self._closed:
+            return False
+        addr = self._peers.get(peer)
+        if addr is None:
+            return False
+        chan = self._channels.get(addr)
+        if chan is None:
+            return False
+        if len(message) == 1:
+            small: Buffer | None = message[0]
+            if type(small) is not bytes or len(small) > _SMALL:
+                return False
+        else:
+            small = _join_small(message)
+            if small is None:
+                return False
+        core = self.core
+        datagram = core.call_inline(addr, small, now)
+        if datagram is None:
+            return False
+        try:
+            if not chan.send(datagram):  # socket buffer full: take the queued path
+                core.end_inline()
+                return False
+        except OSError as exc:  # unreachable peer: as in _flush, the core resends or aborts
+            self.send_errors += 1
+            log.debug("udp send to %s failed: %s", addr, exc)
+        core.track_inline(addr, small, now)
+        if chan.outstanding == 0:
+            self._polled.append(chan)
+        chan.outstanding += 1
+        self._inline_chan = chan
+        self.n_inline_calls += 1
+        if core.deadline_moved:
+            self._rearm()
+        return True
+
+    def end_inline(self, pending: PendingCall | None) -> memoryview | None:
+        """End the inline call: its response, or None without one. Then, with ``pending``, a
+        call still running goes on as an ordinary call that completes ``pending`` (and one that
+        failed fails it); without, it is cancelled."""
+        core = self.core
+        chan = self._inline_chan
+        self._inline_chan = None
+        if pending is not None and core.inline_view is None:
+            error = core.inline_error
+            if error is None:
+                rpc_id = core.adopt_inline()
+                pending.handle = rpc_id
+                pending.channel = chan  # its count of outstanding calls goes on including it
+                self._calls[rpc_id] = pending
+                return None
+            core.end_inline()
+            pending.fail(PeerDead(error))
+        else:
+            view = core.end_inline()
+            if view is not None:
+                if chan is not None:
+                    self._release_channel(chan)
+                return view
+        if chan is not None:
+            self._release_channel(chan)
+        if core.outbox:  # (the ABORT of a cancelled call)
+            self._flush()
+        return None
+
+    def _release_channel(self, chan: _Channel) -> None:
+        chan.outstanding -= 1
+        if chan.outstanding == 0:
+            self._polled.remove(chan)
+
     def _open_channel(self, addr: Any) -> _Channel:
         sock, _ = _open_socket(self.sock.family, self._host, 0)
         try:
@@ -468,8 +557,10 @@ class UdpTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        self._ops.close()  # first: a call after this must not reach a reused descriptor
         self.sock.close()
         for chan in self._channels.values():
+            chan.ops.close()
             chan.sock.close()
         self._polled.clear()
         calls, self._calls = self._calls, {}

@@ -896,3 +896,120 @@ def test_deadline_moved_flags_every_newly_armed_timer() -> None:
     _, token, _ = server.events.popleft()
     server.reply(token, [b"z"], 0.0)  # a kept response arms the sweep
     assert moved(server) and server.next_deadline() == config.response_keep
+
+
+# -- the inline call (the caller sends and polls itself) -----------------------------------------
+
+
+def inline_call(link: Link, client: SessionCore, payload: bytes) -> int:
+    """Start an inline call over the link as a driver does: send the datagram, then track it."""
+    datagram = client.call_inline("S", payload, link.now)
+    assert datagram is not None
+    link._send("C", "S", datagram)
+    return client.track_inline("S", payload, link.now)
+
+
+@pytest.mark.parametrize("response_size", [0, 100, 50_000])
+def test_inline_call_response_lands_in_inline_view_not_in_events(response_size: int) -> None:
+    config = SessionConfig(max_datagram=1472)
+    link = Link()
+    client, heard, server, app = pair(link, config, answer=lambda t, p: [bytes(response_size)])
+    rpc_id = inline_call(link, client, b"ping")
+    assert client.outstanding_calls() == 1
+    link.run_until(lambda: client.inline_view is not None, max_time=1.0)
+    assert heard.responses == {} and not client.events  # multi-fragment responses too
+    view = client.end_inline()
+    assert view is not None and bytes(view) == bytes(response_size)
+    assert client.outstanding_calls() == 0 and client.inline_view is None
+    assert list(app.requests.values()) == [1]
+    # the next call acknowledges the inline one: the server lets its response go
+    client.call("S", [b"next"], link.now)
+    link.run_until(lambda: len(heard.responses) == 1, max_time=1.0)
+    assert list(heard.responses) == [rpc_id + 1]
+    link.run_until(link.idle, max_time=10.0)
+    assert server.kept_responses() == 0 and server.stats.responses_acked >= 1
+
+
+def test_adopted_inline_call_is_retransmitted_and_delivered_as_an_ordinary_call() -> None:
+    config = SessionConfig()
+    link = Link(drop=frozenset({0}))  # the inline request is lost
+    client, heard, _server, _app = pair(link, config)
+    rpc_id = inline_call(link, client, b"lost once")
+    assert client.adopt_inline() == rpc_id
+    with pytest.raises(RuntimeError):
+        client.adopt_inline()
+    link.run_until(lambda: bool(heard.responses), max_time=1.0)
+    assert heard.responses == {rpc_id: b"lost once"} and client.inline_view is None
+    assert client.end_inline() is None and client.stats.calls_cancelled == 0
+
+
+def test_ended_inline_call_without_response_is_cancelled_and_its_late_response_dropped() -> None:
+    config = SessionConfig()
+    link = Link(delay=0.001)
+    client, heard, _server, app = pair(link, config, delay=0.01)
+    inline_call(link, client, b"too slow")
+    link.run_until(lambda: bool(app.requests), max_time=1.0)
+    assert client.end_inline() is None
+    assert client.outstanding_calls() == 0 and client.stats.calls_cancelled == 1
+    link.run_until(link.idle, max_time=10.0)
+    assert heard.responses == {} and client.inline_view is None
+    assert app.aborted == list(app.requests)  # the server heard of it
+
+
+def test_inline_call_that_dies_reports_inline_error() -> None:
+    config = SessionConfig(abort_after=0.05)
+    link = Link(loss=1.0)
+    client, heard, _server, _app = pair(link, config)
+    inline_call(link, client, b"nobody there")
+    link.run_until(lambda: client.inline_error is not None, max_time=1.0)
+    assert heard.failures == {} and not client.events
+    with pytest.raises(RuntimeError):
+        client.adopt_inline()
+    assert client.end_inline() is None and client.outstanding_calls() == 0
+
+
+def test_inline_call_is_refused_while_one_is_in_progress_or_output_is_queued() -> None:
+    config = SessionConfig(max_datagram=1472)
+    client = SessionCore(config, client_id=7)
+    assert client.call_inline("S", bytes(2000), 0.0) is None  # over one datagram
+    assert client.call_inline("S", b"a", 0.0) is not None
+    assert client.call_inline("S", b"b", 0.0) is None  # (not tracked yet: still in progress)
+    assert client.end_inline() is None  # never sent: nothing to tell the server
+    assert not client.outbox and client.stats.calls_cancelled == 0
+    client.call("S", [bytes(5000)], 0.0)  # a fragmented call leaves datagrams queued
+    assert client.outbox and client.call_inline("S", b"c", 0.0) is None
+
+
+def test_calls_made_during_an_inline_call_acknowledge_only_what_is_done() -> None:
+    config = SessionConfig()
+    link = Link()
+    client, heard, _server, app = pair(link, config, delay=0.005)
+    first = inline_call(link, client, b"inline")
+    second = client.call("S", [b"ordinary"], link.now)
+    ack = _HEADER.unpack_from(b"".join(client.outbox[0][1]))[9]
+    assert second - ack == first  # the inline call is still the lowest outstanding
+    link.run_until(lambda: client.inline_view is not None and bool(heard.responses), max_time=1)
+    assert bytes(client.end_inline() or b"") == b"inline"
+    assert heard.responses == {second: b"ordinary"}
+    assert list(app.requests.values()) == [1, 1]
+
+
+def test_small_messages_of_bytearrays_are_copied_into_one_datagram() -> None:
+    config = SessionConfig()
+    client = SessionCore(config, client_id=1)
+    sent: list[bytes] = []
+
+    def send_now(peer: Any, datagram: bytes) -> bool:
+        sent.append(datagram)
+        return True
+
+    client.send_now = send_now
+    body = bytearray(b"body")
+    parts: list[Buffer] = [b"head", body]
+    client.call("S", parts, 0.0)
+    body[:] = b"XXXX"  # the caller's buffer changes after the call: not what went out
+    (datagram,) = sent
+    assert datagram[HEADER_SIZE:] == b"headbody" and not client.outbox
+    client.on_timer(config.resend_interval * 2)  # a ping, not a resend of the payload
+    link_copy = [b"".join(buffers) for _, buffers in client.outbox]
+    assert all(b"XXXX" not in d for d in link_copy)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 
+import pytest
 import trio
 
 import rpcfast
@@ -85,3 +87,45 @@ async def test_a_stray_datagram_on_an_idle_channel_is_drained_not_spun_on() -> N
         assert idle.n_blocks - blocks < 100
         async with rpcfast.connect(srv.addresses[0], timeout=5) as conn:
             assert await conn.stub(echo_capnp.Echo).ping() is None  # the channel still works
+
+
+async def test_calls_to_a_known_server_go_inline_and_leave_nothing_behind() -> None:
+    async with rpcfast.serve([EchoService()], ["udp://127.0.0.1:0"]) as srv:
+        transport, _ = client_transport(srv.dispatcher, srv.addresses[0])
+        assert isinstance(transport, UdpTransport)
+        async with rpcfast.connect(srv.addresses[0], timeout=5) as conn:
+            stub = conn.stub(echo_capnp.Echo)
+            assert await stub.ping() is None  # the first call opens the channel
+            before = transport.n_inline_calls
+            for size in (0, 100, 60_000, 300_000):  # responses of one datagram and of many
+                reply = await stub.fill(size=size)
+                assert reply is not None and bytes(reply.data) == bytes(size)
+            with pytest.raises(rpcfast.RemoteError):
+                await stub.fail(code=3, message="no")
+            assert transport.n_inline_calls - before == 5
+        assert not transport._polled and not transport._calls
+        assert transport.core.outstanding_calls() == 0 and transport.core.inline_view is None
+
+
+async def test_inline_calls_outliving_the_spin_become_ordinary_calls() -> None:
+    async with rpcfast.serve([EchoService()], ["udp://127.0.0.1:0"]) as srv:
+        transport, _ = client_transport(srv.dispatcher, srv.addresses[0])
+        assert isinstance(transport, UdpTransport)
+        async with rpcfast.connect(srv.addresses[0], timeout=5) as conn:
+            stub = conn.stub(echo_capnp.Echo)
+            await stub.ping()
+            before = transport.n_inline_calls
+            async with trio.open_nursery() as nursery:  # slow calls beside fast ones
+                for _ in range(3):
+                    nursery.start_soon(functools.partial(stub.sleep, seconds=0.02))
+                    nursery.start_soon(stub.ping)
+            with trio.move_on_after(0.005) as scope:  # cancelled while it waits, adopted
+                await stub.sleep(seconds=1.0)
+            assert scope.cancelled_caught
+            assert transport.n_inline_calls > before
+            assert await stub.ping() is None
+        assert not transport._polled and not transport._calls
+        assert transport.core.outstanding_calls() == 0
+        with trio.fail_after(5):  # the server heard of the cancelled call
+            while transport.core.stats.calls_cancelled == 0 or srv.dispatcher.poller.active_tasks:
+                await trio.sleep(0.01)

@@ -1,0 +1,506 @@
+/* Non-blocking datagram socket calls for the UDP transport's hot path (rpcfast.transports._sockops).
+ *
+ * Python's socket methods cost more than the system calls they make, on exactly the path a
+ * polling transport runs most: an empty receive raises BlockingIOError (an exception object,
+ * its message and a traceback, at every turn of a spin loop), every call releases and retakes
+ * the GIL, recvfrom formats the sender's address with sprintf into a new tuple and sendto parses
+ * it back with inet_pton. These functions make the same calls with MSG_DONTWAIT and:
+ *
+ *   - report "nothing there" / "buffer full" as a return value, not an exception;
+ *   - keep the GIL (a non-blocking call returns at once);
+ *   - keep the last senders' address tuples in a small direct-mapped cache: a datagram from a
+ *     known sender gets the same tuple object again, and sendto() with such a tuple reuses its
+ *     socket address without parsing it.
+ *
+ * Addresses are the socket module's: (host, port) for IPv4, (host, port, flowinfo, scope_id)
+ * for IPv6 (sendto also takes (host, port) and (host, port, flowinfo)); hosts are numeric.
+ * Other errors raise OSError as the socket module does. ``SockOps(sock)`` holds one socket's
+ * calls; rpcfast/transports/_sockops_py.py is the pure-Python equivalent, used where this
+ * module was not built.
+ *
+ * Single-phase module with static state: rpcfast does not run in subinterpreters.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#define CACHE_SIZE 256 /* a power of two */
+
+typedef struct {
+    struct sockaddr_storage sa;
+    socklen_t len;
+    PyObject *addr; /* strong reference, or NULL */
+} Entry;
+
+/* sender socket address -> its address tuple (recvfrom) */
+static Entry by_sockaddr[CACHE_SIZE];
+/* address object, by identity -> its socket address (sendto) */
+static Entry by_object[CACHE_SIZE];
+
+static int
+would_block(int err)
+{
+    return err == EAGAIN || err == EWOULDBLOCK || err == EINTR;
+}
+
+static size_t
+sockaddr_slot(const struct sockaddr *sa)
+{
+    uint32_t h;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        h = in->sin_addr.s_addr ^ ((uint32_t)in->sin_port * 2654435761u);
+    }
+    else {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        uint32_t words[4];
+        memcpy(words, &in6->sin6_addr, sizeof(words));
+        h = words[0] ^ words[1] ^ words[2] ^ words[3] ^ in6->sin6_scope_id;
+        h ^= (uint32_t)in6->sin6_port * 2654435761u;
+    }
+    h ^= h >> 16;
+    return h & (CACHE_SIZE - 1);
+}
+
+static size_t
+object_slot(PyObject *obj)
+{
+    uintptr_t p = (uintptr_t)obj;
+    return (size_t)((p >> 4) ^ (p >> 12)) & (CACHE_SIZE - 1);
+}
+
+/* The socket module's address tuple for a socket address. */
+static PyObject *
+make_address(const struct sockaddr *sa)
+{
+    char text[INET6_ADDRSTRLEN];
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        const unsigned char *b = (const unsigned char *)&in->sin_addr.s_addr;
+        char *p = text;
+        for (int i = 0; i < 4; i++) {
+            unsigned v = b[i];
+            if (v >= 100) {
+                *p++ = (char)('0' + v / 100);
+            }
+            if (v >= 10) {
+                *p++ = (char)('0' + v / 10 % 10);
+            }
+            *p++ = (char)('0' + v % 10);
+            if (i < 3) {
+                *p++ = '.';
+            }
+        }
+        PyObject *host = PyUnicode_FromStringAndSize(text, p - text);
+        if (host == NULL) {
+            return NULL;
+        }
+        PyObject *port = PyLong_FromLong(ntohs(in->sin_port));
+        if (port == NULL) {
+            Py_DECREF(host);
+            return NULL;
+        }
+        PyObject *addr = PyTuple_Pack(2, host, port);
+        Py_DECREF(host);
+        Py_DECREF(port);
+        return addr;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        if (inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof(text)) == NULL) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return Py_BuildValue(
+            "(sikI)", text, (int)ntohs(in6->sin6_port), (unsigned long)ntohl(in6->sin6_flowinfo),
+            (unsigned int)in6->sin6_scope_id);
+    }
+    errno = EAFNOSUPPORT;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* Fill ``sa`` from an address tuple; -1 with an exception set when it is not one. */
+static int
+parse_address(PyObject *addr, struct sockaddr_storage *sa, socklen_t *len)
+{
+    if (!PyTuple_Check(addr) || PyTuple_GET_SIZE(addr) < 2 || PyTuple_GET_SIZE(addr) > 4) {
+        PyErr_SetString(PyExc_TypeError, "address must be a (host, port, ...) tuple");
+        return -1;
+    }
+    PyObject *host_obj = PyTuple_GET_ITEM(addr, 0);
+    if (!PyUnicode_Check(host_obj)) {
+        PyErr_SetString(PyExc_TypeError, "address host must be a str");
+        return -1;
+    }
+    const char *host = PyUnicode_AsUTF8(host_obj);
+    if (host == NULL) {
+        return -1;
+    }
+    long port = PyLong_AsLong(PyTuple_GET_ITEM(addr, 1));
+    if (port == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+        return -1;
+    }
+    memset(sa, 0, sizeof(*sa));
+    if (strchr(host, ':') == NULL && PyTuple_GET_SIZE(addr) == 2) {
+        struct sockaddr_in *in = (struct sockaddr_in *)sa;
+        in->sin_family = AF_INET;
+        in->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, host, &in->sin_addr) != 1) {
+            PyErr_Format(PyExc_ValueError, "not a numeric IPv4 address: %R", host_obj);
+            return -1;
+        }
+        *len = sizeof(*in);
+        return 0;
+    }
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)sa;
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET6, host, &in6->sin6_addr) != 1) {
+        PyErr_Format(PyExc_ValueError, "not a numeric IPv6 address: %R", host_obj);
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(addr) > 2) {
+        unsigned long flowinfo = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 2));
+        if (flowinfo == (unsigned long)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        in6->sin6_flowinfo = htonl((uint32_t)flowinfo);
+    }
+    if (PyTuple_GET_SIZE(addr) > 3) {
+        unsigned long scope = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 3));
+        if (scope == (unsigned long)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        in6->sin6_scope_id = (uint32_t)scope;
+    }
+    *len = sizeof(*in6);
+    return 0;
+}
+
+static void
+remember(Entry *entry, const struct sockaddr_storage *sa, socklen_t len, PyObject *addr)
+{
+    Py_INCREF(addr);
+    Py_XSETREF(entry->addr, addr);
+    memcpy(&entry->sa, sa, len);
+    entry->len = len;
+}
+
+/* A new bytes object of ``size`` bytes to receive into (shrunk to the datagram after). */
+static PyObject *
+receive_buffer(PyObject *size_obj, Py_ssize_t *size)
+{
+    *size = PyLong_AsSsize_t(size_obj);
+    if (*size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (*size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "size must be positive");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize(NULL, *size);
+}
+
+static PyObject *
+finish_receive(PyObject *data, Py_ssize_t size, ssize_t got)
+{
+    if (got != size && _PyBytes_Resize(&data, got) < 0) {
+        return NULL;
+    }
+    return data;
+}
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    PyObject *sock;
+} SockOps;
+
+PyDoc_STRVAR(recv_doc, "recv(size) -> bytes | None\n\n"
+                       "One datagram from a connected socket; None when none is waiting.");
+
+static PyObject *
+SockOps_recv(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd = self->fd;
+    Py_ssize_t size;
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "recv(size)");
+        return NULL;
+    }
+    PyObject *data = receive_buffer(args[0], &size);
+    if (data == NULL) {
+        return NULL;
+    }
+    ssize_t got = recv(fd, PyBytes_AS_STRING(data), (size_t)size, MSG_DONTWAIT);
+    if (got < 0) {
+        int err = errno;
+        Py_DECREF(data);
+        if (would_block(err)) {
+            Py_RETURN_NONE;
+        }
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return finish_receive(data, size, got);
+}
+
+PyDoc_STRVAR(recvfrom_doc, "recvfrom(size) -> (bytes, address) | None\n\n"
+                           "One datagram and its sender; None when none is waiting.");
+
+static PyObject *
+SockOps_recvfrom(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd = self->fd;
+    Py_ssize_t size;
+    struct sockaddr_storage sa;
+    socklen_t len = sizeof(sa);
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "recvfrom(size)");
+        return NULL;
+    }
+    PyObject *data = receive_buffer(args[0], &size);
+    if (data == NULL) {
+        return NULL;
+    }
+    ssize_t got = recvfrom(
+        fd, PyBytes_AS_STRING(data), (size_t)size, MSG_DONTWAIT, (struct sockaddr *)&sa, &len);
+    if (got < 0) {
+        int err = errno;
+        Py_DECREF(data);
+        if (would_block(err)) {
+            Py_RETURN_NONE;
+        }
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    data = finish_receive(data, size, got);
+    if (data == NULL) {
+        return NULL;
+    }
+    PyObject *addr;
+    if (sa.ss_family != AF_INET && sa.ss_family != AF_INET6) {
+        addr = make_address((struct sockaddr *)&sa); /* raises */
+        Py_DECREF(data);
+        return addr;
+    }
+    Entry *entry = &by_sockaddr[sockaddr_slot((struct sockaddr *)&sa)];
+    if (entry->addr != NULL && entry->len == len && memcmp(&entry->sa, &sa, len) == 0) {
+        addr = entry->addr;
+        Py_INCREF(addr);
+    }
+    else {
+        addr = make_address((struct sockaddr *)&sa);
+        if (addr == NULL) {
+            Py_DECREF(data);
+            return NULL;
+        }
+        remember(entry, &sa, len, addr);
+        remember(&by_object[object_slot(addr)], &sa, len, addr);
+    }
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(data);
+        Py_DECREF(addr);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, data);
+    PyTuple_SET_ITEM(result, 1, addr);
+    return result;
+}
+
+/* Send ``obj``'s bytes; True, False when the socket buffer is full, NULL on other errors. */
+static PyObject *
+send_data(int fd, PyObject *obj, const struct sockaddr *sa, socklen_t len)
+{
+    Py_buffer view;
+    const char *buf;
+    Py_ssize_t size;
+    int release = 0;
+    if (PyBytes_CheckExact(obj)) {
+        buf = PyBytes_AS_STRING(obj);
+        size = PyBytes_GET_SIZE(obj);
+    }
+    else {
+        if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        buf = view.buf;
+        size = view.len;
+        release = 1;
+    }
+    ssize_t sent = sa == NULL ? send(fd, buf, (size_t)size, MSG_DONTWAIT)
+                              : sendto(fd, buf, (size_t)size, MSG_DONTWAIT, sa, len);
+    int err = errno;
+    if (release) {
+        PyBuffer_Release(&view);
+    }
+    if (sent < 0) {
+        if (would_block(err)) {
+            Py_RETURN_FALSE;
+        }
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(send_doc, "send(data) -> bool\n\n"
+                       "Send one datagram on a connected socket; False when its buffer is full.");
+
+static PyObject *
+SockOps_send(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "send(data)");
+        return NULL;
+    }
+    return send_data(self->fd, args[0], NULL, 0);
+}
+
+PyDoc_STRVAR(sendto_doc, "sendto(data, address) -> bool\n\n"
+                         "Send one datagram to address; False when the socket buffer is full.");
+
+static PyObject *
+SockOps_sendto(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "sendto(data, address)");
+        return NULL;
+    }
+    PyObject *addr = args[1];
+    Entry *entry = &by_object[object_slot(addr)];
+    if (entry->addr != addr) {
+        struct sockaddr_storage sa;
+        socklen_t len;
+        if (parse_address(addr, &sa, &len) < 0) {
+            return NULL;
+        }
+        remember(entry, &sa, len, addr);
+    }
+    return send_data(self->fd, args[0], (struct sockaddr *)&entry->sa, entry->len);
+}
+
+PyDoc_STRVAR(close_doc, "close() -> None\n\n"
+                        "Forget the socket's descriptor before its owner closes it: later calls "
+                        "fail with EBADF instead of reaching whatever reuses the number.");
+
+static PyObject *
+SockOps_close(SockOps *self, PyObject *unused)
+{
+    self->fd = -1; /* the system calls then fail with EBADF */
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef SockOps_methods[] = {
+    {"close", (PyCFunction)SockOps_close, METH_NOARGS, close_doc},
+    {"recv", (PyCFunction)(void (*)(void))SockOps_recv, METH_FASTCALL, recv_doc},
+    {"recvfrom", (PyCFunction)(void (*)(void))SockOps_recvfrom, METH_FASTCALL, recvfrom_doc},
+    {"send", (PyCFunction)(void (*)(void))SockOps_send, METH_FASTCALL, send_doc},
+    {"sendto", (PyCFunction)(void (*)(void))SockOps_sendto, METH_FASTCALL, sendto_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+SockOps_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *sock;
+    static char *kwlist[] = {"sock", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:SockOps", kwlist, &sock)) {
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(sock);
+    if (fd < 0) {
+        return NULL;
+    }
+    SockOps *self = (SockOps *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->fd = fd;
+    Py_INCREF(sock);
+    self->sock = sock;
+    return (PyObject *)self;
+}
+
+static int
+SockOps_traverse(SockOps *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->sock);
+    return 0;
+}
+
+static int
+SockOps_clear(SockOps *self)
+{
+    Py_CLEAR(self->sock);
+    return 0;
+}
+
+static void
+SockOps_dealloc(SockOps *self)
+{
+    PyObject_GC_UnTrack(self);
+    SockOps_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef SockOps_members[] = {
+    {"sock", T_OBJECT_EX, offsetof(SockOps, sock), READONLY, "the socket"},
+    {"fd", T_INT, offsetof(SockOps, fd), READONLY, "its file descriptor"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+PyDoc_STRVAR(SockOps_doc, "SockOps(sock)\n\n"
+                          "Non-blocking calls on a datagram socket (kept open by its owner).");
+
+static PyTypeObject SockOpsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rpcfast.transports._sockops.SockOps",
+    .tp_basicsize = sizeof(SockOps),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = SockOps_doc,
+    .tp_new = SockOps_new,
+    .tp_dealloc = (destructor)SockOps_dealloc,
+    .tp_traverse = (traverseproc)SockOps_traverse,
+    .tp_clear = (inquiry)SockOps_clear,
+    .tp_methods = SockOps_methods,
+    .tp_members = SockOps_members,
+};
+
+static struct PyModuleDef sockops_module = {
+    PyModuleDef_HEAD_INIT,
+    "rpcfast.transports._sockops",
+    "Non-blocking datagram socket calls without exceptions for empty sockets.",
+    -1,
+    NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__sockops(void)
+{
+    if (PyType_Ready(&SockOpsType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&sockops_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&SockOpsType);
+    if (PyModule_AddObject(module, "SockOps", (PyObject *)&SockOpsType) < 0) {
+        Py_DECREF(&SockOpsType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

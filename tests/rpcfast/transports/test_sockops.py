@@ -1,0 +1,213 @@
+"""The UDP transport's socket calls: the C extension and its pure-Python equivalent, side by side
+with the socket module (empty and full sockets as return values, addresses as the socket module
+gives them, errors as OSError)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rpcfast import _compiled
+from rpcfast.transports import _sockops_py
+
+try:
+    from rpcfast.transports import _sockops
+except ImportError:  # a pure-Python install
+    _sockops = None  # type: ignore[assignment]
+
+IMPLS = [
+    pytest.param(_sockops_py.SockOps, id="python"),
+    pytest.param(
+        getattr(_sockops, "SockOps", None),
+        id="c",
+        marks=pytest.mark.skipif(_sockops is None, reason="C extension not built"),
+    ),
+]
+
+
+def udp(host: str = "127.0.0.1", family: int = socket.AF_INET) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = udp(), udp()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def wait_readable(sock: socket.socket) -> None:
+    import select
+
+    assert select.select([sock], [], [], 5)[0], "nothing arrived"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_socket_gives_none_and_data_round_trips(impl: Any, pair: Any) -> None:
+    a, b = pair
+    ops_a, ops_b = impl(a), impl(b)
+    assert ops_a.fd == a.fileno() and ops_a.sock is a
+    assert ops_a.recv(65536) is None and ops_a.recvfrom(65536) is None
+    assert ops_a.sendto(b"hello", b.getsockname()) is True
+    wait_readable(b)
+    data, addr = ops_b.recvfrom(65536)
+    assert data == b"hello" and addr == a.getsockname()
+    assert ops_b.recvfrom(65536) is None
+    b.connect(a.getsockname())
+    for payload in (b"", bytearray(b"x" * 1000), memoryview(b"view")):
+        assert ops_b.send(payload) is True
+        wait_readable(a)
+        assert ops_a.recv(65536) == bytes(payload)
+    ops_b.send(b"0123456789")
+    wait_readable(a)
+    assert ops_a.recv(4) == b"0123"  # a datagram longer than asked for is truncated, like recv
+    assert ops_a.recv(65536) is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_replies_to_the_address_a_datagram_came_from(impl: Any, pair: Any) -> None:
+    server, client = pair
+    ops = impl(server)
+    others = [udp() for _ in range(300)]  # more senders than the C address cache has slots
+    try:
+        for rounds in range(2):
+            for sock in [client, *others]:
+                sock.sendto(b"q%d" % rounds, server.getsockname())
+                wait_readable(server)
+                data, addr = ops.recvfrom(100)
+                assert addr == sock.getsockname()
+                assert ops.sendto(data.upper(), addr)
+                wait_readable(sock)
+                assert sock.recv(100) == b"Q%d" % rounds
+    finally:
+        for sock in others:
+            sock.close()
+
+
+def test_c_recvfrom_returns_one_tuple_per_sender_and_sendto_trusts_it(pair: Any) -> None:
+    if _sockops is None:
+        pytest.skip("C extension not built")
+    server, client = pair
+    ops = _sockops.SockOps(server)
+    addrs = []
+    for _ in range(3):
+        client.sendto(b"x", server.getsockname())
+        wait_readable(server)
+        got = ops.recvfrom(10)
+        assert got is not None
+        addrs.append(got[1])
+    assert addrs[0] is addrs[1] is addrs[2]  # cached: compared by identity downstream
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_errors_are_raised_as_oserror(impl: Any, pair: Any) -> None:
+    a, b = pair
+    port = b.getsockname()[1]
+    b.close()  # nothing listens there now: the kernel queues ECONNREFUSED on a connected socket
+    a.connect(("127.0.0.1", port))
+    ops = impl(a)
+    ops.send(b"anyone?")
+    with pytest.raises(ConnectionRefusedError):
+        for _ in range(1000):
+            ops.recv(100)
+    a.close()
+    with pytest.raises(OSError):
+        ops.recv(100)
+    with pytest.raises(OSError):
+        ops.send(b"closed")
+
+
+def test_c_sendto_rejects_malformed_addresses(pair: Any) -> None:
+    if _sockops is None:
+        pytest.skip("C extension not built")
+    ops = _sockops.SockOps(pair[0])
+    for bad, error in [
+        ("127.0.0.1", TypeError),
+        (("127.0.0.1",), TypeError),
+        ((1, 2), TypeError),
+        (("127.0.0.1", 70000), OverflowError),
+        (("localhost", 9), ValueError),  # numeric hosts only: the transport resolves names
+        (("::zz", 9), ValueError),
+    ]:
+        with pytest.raises(error):
+            ops.sendto(b"x", bad)
+    with pytest.raises(ValueError):
+        ops.recv(0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(octets=st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(1, 254)))
+def test_c_formats_sender_addresses_as_the_socket_module_does(octets: tuple[int, ...]) -> None:
+    if _sockops is None:
+        pytest.skip("C extension not built")
+    host = "127.{}.{}.{}".format(*octets)  # all of 127/8 is loopback: every digit count per octet
+    receiver, sender = udp(), udp(host)
+    try:
+        sender.sendto(b"x", receiver.getsockname())
+        wait_readable(receiver)
+        got = _sockops.SockOps(receiver).recvfrom(10)
+        assert got is not None and got[1] == (host, sender.getsockname()[1])
+        assert _sockops.SockOps(receiver).sendto(b"back", got[1])
+        wait_readable(sender)
+        assert sender.recv(10) == b"back"
+    finally:
+        receiver.close()
+        sender.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ipv6_addresses_match_the_socket_module(impl: Any) -> None:
+    try:
+        receiver, sender = udp("::1", socket.AF_INET6), udp("::1", socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    try:
+        ops = impl(receiver)
+        assert impl(sender).sendto(b"six", receiver.getsockname()[:2])  # (host, port) is enough
+        wait_readable(receiver)
+        got = ops.recvfrom(10)
+        assert got is not None and got[1] == sender.getsockname()
+        assert ops.sendto(b"back", got[1])
+        wait_readable(sender)
+        assert sender.recv(10) == b"back"
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_compiled_builds_include_the_c_module() -> None:
+    if not _compiled.hot_path_compiled():
+        pytest.skip("pure-Python install")
+    assert _sockops is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_closed_ops_never_reach_a_reused_descriptor(impl: Any, pair: Any) -> None:
+    a, b = pair
+    ops = impl(a)
+    ops.close()
+    a.close()
+    reuse = udp()  # likely gets a's old descriptor number
+    try:
+        b.sendto(b"not yours", reuse.getsockname())
+        wait_readable(reuse)
+        with pytest.raises(OSError):
+            ops.recv(10)
+        with pytest.raises(OSError):
+            ops.recvfrom(10)
+        with pytest.raises(OSError):
+            ops.send(b"x")
+        with pytest.raises(OSError):
+            ops.sendto(b"x", b.getsockname())
+        assert reuse.recv(10) == b"not yours"
+    finally:
+        reuse.close()
