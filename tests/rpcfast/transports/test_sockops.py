@@ -211,3 +211,18 @@ def test_closed_ops_never_reach_a_reused_descriptor(impl: Any, pair: Any) -> Non
         assert reuse.recv(10) == b"not yours"
     finally:
         reuse.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_runs_of_large_and_small_datagrams_arrive_whole(impl: Any, pair: Any) -> None:
+    a, b = pair
+    ops = impl(a)
+    sizes = [10, 60_000, 60_000, 10, 5000, 4096, 4097, 3, 65_000, 1]
+    for i, size in enumerate(sizes):
+        payload = bytes([i]) * size
+        b.sendto(payload, a.getsockname())
+        wait_readable(a)
+        got = ops.recvfrom(65536) if i % 2 else ops.recv(65536)
+        data = got[0] if isinstance(got, tuple) else got
+        assert data == payload
+    assert ops.recv(65536) is None
