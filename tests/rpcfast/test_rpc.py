@@ -92,6 +92,28 @@ async def test_cancel_scope_cancels_call_and_server_learns() -> None:
     assert server.stats.aborted == 1
 
 
+@pytest.mark.parametrize("inline_check", [True, False])
+async def test_a_call_in_a_cancelled_scope_raises_cancelled_and_sends_nothing(
+    inline_check: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not inline_check:  # the plain checkpoint_if_cancelled, as with unknown trio internals
+        monkeypatch.setattr(rpcfast._client, "_RUN_CONTEXT", None)
+    else:
+        assert rpcfast._client._RUN_CONTEXT is not None  # this trio has what the check reads
+    service = EchoService()
+    async with rpcfast.serve([service], ["udp://127.0.0.1:0"]) as server:
+        async with rpcfast.connect(server.addresses[0]) as conn:
+            stub = conn.stub(echo_capnp.Echo)
+            await stub.ping()
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await stub.ping()
+                raise AssertionError("a call in a cancelled scope went on")  # pragma: no cover
+            assert scope.cancelled_caught
+            assert await stub.ping() is None
+    assert service.pings == 2
+
+
 async def test_unknown_method_is_typed_error(echo_address: str) -> None:
     async with rpcfast.connect(echo_address) as conn:
         spec = conn.stub(echo_capnp.Echo)._spec
