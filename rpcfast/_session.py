@@ -514,6 +514,7 @@ class SessionCore:
         "_partial_bytes",
         "_partials",
         "_quiet",
+        "_retired",
         "_ri",
         "_sweep_at",
         "_tick_at",
@@ -578,6 +579,9 @@ class SessionCore:
         # the client record of the last whole request (a client's requests come in runs, and
         # driver address objects repeat: the C socket calls hand out one tuple per sender)
         self._last_owner: _RemoteClient | None = None
+        # the record of the call whose response came last: freed at the next call, after its
+        # datagram left, rather than between a response's arrival and its delivery
+        self._retired: _ClientRpc | None = None
         # the inline call (call_inline): its sequence number (0: none), then its response or
         # why it failed
         self._inline_seq = 0
@@ -711,6 +715,7 @@ class SessionCore:
         if not calls:
             self._lowest = seq
         calls[seq] = _ClientRpc(peer, self.client_id, seq, (small,), len(small), now)
+        self._retired = None
         self.stats.datagrams_out += 1
         if self._tick_at is None:
             self._tick_at = now + self._ri
@@ -823,6 +828,7 @@ class SessionCore:
                             self.stats.dropped_unknown += 1
                             return False
                         del calls[seq]
+                        self._retired = rpc
                         if seq == self._lowest:
                             self._lowest = next(iter(calls)) if calls else self._next_seq
                         if seq == self._inline_seq:
@@ -1239,7 +1245,17 @@ class SessionCore:
                 return False
         token: RequestToken = (peer, cid, seq)
         rpc = owner.rpcs[seq] = _ServerRpc(token, owner, _IN_PROGRESS, now)
-        floor = seq - ack  # after the insert, so the client record never looks idle
+        self._last_token = token
+        self._last_rpc = rpc
+        sink = self.request_sink
+        if sink is None:
+            self.events.append((EV_REQUEST, token, _memoryview(datagram)[HEADER_SIZE:]))
+        else:
+            sink(token, _memoryview(datagram)[HEADER_SIZE:])
+        # the acknowledgement, after the handler (a fast one has replied by now: freeing what
+        # the client no longer needs is off the round trip's critical path), and after the
+        # insert above, so the client record never looks idle
+        floor = seq - ack
         if floor > owner.floor:
             rpcs = owner.rpcs
             # the common case: this request and the previous one, answered, now acknowledged
@@ -1254,13 +1270,6 @@ class SessionCore:
                 del rpcs[floor - 1]
             else:
                 self._advance_floor(owner, floor, now)
-        self._last_token = token
-        self._last_rpc = rpc
-        sink = self.request_sink
-        if sink is None:
-            self.events.append((EV_REQUEST, token, _memoryview(datagram)[HEADER_SIZE:]))
-        else:
-            sink(token, _memoryview(datagram)[HEADER_SIZE:])
         return True
 
     def _request_fragment(
