@@ -8,10 +8,12 @@ BIN := $(VENV)/bin
 venv: $(VENV)/.installed
 
 # The install compiles these with mypyc into extension modules beside them, which Python imports
-# instead: an edit must rebuild them (rpcfast/_compiled.py lists them; import refuses stale ones).
+# instead, and builds the hand-written C ones: an edit must rebuild them (rpcfast/_compiled.py
+# lists both; import refuses stale ones).
+C_SOURCES := rpcfast/transports/_sockops.c
 HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py rpcfast/dispatch/_poller.py rpcfast/_router.py rpcfast/_fastcall.py
 
-$(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH) rpcfast/transports/_sockops.c
+$(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH) $(C_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat

@@ -38,6 +38,10 @@ def test_setup_py_and_makefile_compile_the_modules_listed_in_compiled() -> None:
     makefile = (ROOT / "Makefile").read_text()
     match = re.search(r"^HOT_PATH := (.*)$", makefile, re.MULTILINE)
     assert match is not None and tuple(match.group(1).split()) == _compiled.HOT_PATH
+    assert tuple(load_setup_py()._c_sources()) == _compiled.C_SOURCES
+    match = re.search(r"^C_SOURCES := (.*)$", makefile, re.MULTILINE)
+    assert match is not None and tuple(match.group(1).split()) == _compiled.C_SOURCES
+    assert re.search(r"^\$\(VENV\)/.installed: .*\$\(HOT_PATH\) \$\(C_SOURCES\)", makefile, re.M)
 
 
 def test_hot_path_modules_are_sync_so_trio_never_runs_compiled_coroutines() -> None:
