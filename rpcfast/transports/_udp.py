@@ -483,6 +483,8 @@ class UdpTransport(Transport):
         self._inline_chan = None
         if pending is not None and core.inline_view is None:
             error = core.inline_error
+            if error is None and self._closed:  # (closed while the caller polled)
+                error = "transport closed"
             if error is None:
                 rpc_id = core.adopt_inline()
                 pending.handle = rpc_id
@@ -505,7 +507,7 @@ class UdpTransport(Transport):
 
     def _release_channel(self, chan: _Channel) -> None:
         chan.outstanding -= 1
-        if chan.outstanding == 0:
+        if chan.outstanding == 0 and not self._closed:  # (close() emptied _polled)
             self._polled.remove(chan)
 
     def _open_channel(self, addr: Any) -> _Channel:

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 import rpcfast
+from rpcfast import fast
 from rpcfast.testing import EchoService, echo_capnp
 from rpcfast.transports import UdpTransport, client_transport
 
@@ -129,3 +130,28 @@ async def test_inline_calls_outliving_the_spin_become_ordinary_calls() -> None:
         with trio.fail_after(5):  # the server heard of the cancelled call
             while transport.core.stats.calls_cancelled == 0 or srv.dispatcher.poller.active_tasks:
                 await trio.sleep(0.01)
+
+
+async def test_an_inline_call_whose_transport_closes_meanwhile_fails_as_peer_dead() -> None:
+    closing: list[UdpTransport] = []
+
+    class ClosingEcho(EchoService):
+        @fast
+        def ping(self, request: None) -> None:  # runs inside the caller's inline poll
+            transport = closing[0]
+            transport.close()
+            transport.dispatcher.remove_transport(transport)
+            transport.dispatcher.client_endpoints.clear()
+
+    async with rpcfast.serve([ClosingEcho()], ["udp://127.0.0.1:0"]) as srv:
+        transport, _ = client_transport(srv.dispatcher, srv.addresses[0])
+        assert isinstance(transport, UdpTransport)
+        async with rpcfast.connect(srv.addresses[0], timeout=5) as conn:
+            stub = conn.stub(echo_capnp.Echo)
+            await stub.echo(data=b"opens the channel")
+            closing.append(transport)
+            before = transport.n_inline_calls
+            with trio.fail_after(2), pytest.raises(rpcfast.PeerDead):
+                await stub.ping()
+            assert transport.n_inline_calls == before + 1
+        assert not transport._calls and transport.core.inline_view is None
