@@ -30,7 +30,7 @@ import rpcfast
 from rpcfast._client import Decoder, Encoder
 from rpcfast._schema import interface_spec
 from rpcfast._types import Buffer
-from services.kvstore._direct import DirectStruct
+from services.kvstore._direct import DirectStruct, VersionList
 from services.kvstore._objects import MAX_HASH, RejectRules, key_hash
 from services.kvstore.errors import (
     KvError,
@@ -163,9 +163,25 @@ def _decode_version(body: memoryview) -> int:
     return int(reply.version)
 
 
+_MULTI_WRITE = interface_spec(kv_capnp.Master).by_name["multiWrite"]
+_VERSION_LIST = VersionList(kv_capnp.Outcome.schema, "version")
+
+
+def _decode_outcomes(body: memoryview) -> Any:
+    """A multi-op's outcomes: ``(versions,)`` when every item succeeded with a version (read in
+    place: the master's layout for that case), else the generic results (``.outcomes``)."""
+    versions = _VERSION_LIST.read(body)
+    if versions is not None:
+        return (versions,)
+    return _MULTI_WRITE.results.decode(body)
+
+
 _FAST_CODECS: dict[str, tuple[Encoder | None, Decoder | None]] = {
     "read": (_encode_read, _decode_read),
     "write": (_encode_write, _decode_version),
+    # (their params encoders stay generic: _params hands them a ready builder or dicts)
+    "multiWrite": (None, _decode_outcomes),
+    "multiRemove": (None, _decode_outcomes),
 }
 
 
@@ -644,7 +660,7 @@ class KvClient:
                 address: str, indexes: list[int] | None, again: list[int] = again
             ) -> None:
                 batch = items if indexes is None else [items[i] for i in indexes]
-                stub = self._master(address)
+                stub = self._fast_master(address)
                 try:
                     reply = await getattr(stub, method)(_params(batch, fields))
                 except (rpcfast.PeerDead, rpcfast.RpcTimeout):
@@ -656,6 +672,16 @@ class KvClient:
                         error = KvError(str(error))
                     for i in range(len(items)) if indexes is None else indexes:
                         results[i] = error
+                    return
+                if type(reply) is tuple:  # every item succeeded: its versions (multiWrite,
+                    (versions,) = reply  # multiRemove, whose parse is _version)
+                    if len(versions) != len(batch):
+                        raise KvError(f"{method}: {len(versions)} outcomes for {len(batch)} items")
+                    if indexes is None:
+                        results[: len(versions)] = versions
+                    else:
+                        for i, version in zip(indexes, versions, strict=True):
+                            results[i] = version
                     return
                 outcomes = reply.outcomes
                 if len(outcomes) != len(batch):

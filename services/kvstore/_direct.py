@@ -13,8 +13,10 @@ the fields would cost as much as the generic codec's work).
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 _PAD = [b"", *(bytes(8 - r) for r in range(1, 8))]
 
@@ -123,3 +125,70 @@ class DirectStruct:
         exec(compile("\n".join(lines), f"<DirectStruct {schema}>", "exec"), env)
         self.encode = env["encode"]
         self.read = env["read"]
+
+
+class VersionList:
+    """The results of a multi-op whose every item succeeded with a version, in place: a root
+    struct with one pointer to a composite list of ``element`` structs (say ``Outcome``) in which
+    only the UInt64 ``field`` is set, every other word zero (status 0, no message).
+
+    :meth:`encode` (the master) lays the versions into one zeroed segment with a strided slice
+    assignment: the generic encoder fills each element field by field. :meth:`read` (the client)
+    takes the versions back out with one strided slice after checking that every other word of
+    the list is zero, or returns None for any other message (an error among the outcomes,
+    another encoder's layout), which then goes to the generic decoder.
+    """
+
+    def __init__(self, element: Any, field: str) -> None:
+        node = element.node.struct
+        data, pointers = int(node.dataWordCount), int(node.pointerCount)
+        slots = {f.proto.name: f.proto.slot.offset for f in element.fields_list}
+        self.words = data + pointers  # per element
+        self.field = int(slots[field])  # a 64-bit slot: its word in the data section
+        self._tag_high = (data | pointers << 16) << 32
+        self._zeros: dict[int, bytes] = {}
+
+    def encode(self, versions: Sequence[int]) -> bytes:
+        """The message's one segment (no segment table: rpcfast frames builders' segments)."""
+        n = len(versions)
+        stride = self.words
+        words = array("Q", bytes(8 * (3 + n * stride)))
+        words[0] = _ONE_POINTER_ROOT
+        words[1] = (n * stride << 3 | 7) << 32 | 1  # composite list right after the root
+        words[2] = self._tag_high | n << 2  # the tag word: element count, struct size
+        words[3 + self.field :: stride] = array("Q", versions)
+        if sys.byteorder != "little":
+            words.byteswap()
+        return words.tobytes()
+
+    def read(self, body: memoryview) -> list[int] | None:
+        """The versions of a whole message (segment table first) laid out as :meth:`encode`
+        does, else None."""
+        size = len(body)
+        if size < 32 or size % 8 or sys.byteorder != "little":
+            return None
+        head, segment_words, root, list_ptr, tag = _READ_HEAD(body)
+        stride = self.words
+        n = (segment_words - 3) // stride if stride else 0
+        if (
+            head != 0  # one segment
+            or segment_words * 8 != size - 8
+            or root != _ONE_POINTER_ROOT
+            or list_ptr != (n * stride << 3 | 7) << 32 | 1
+            or tag != self._tag_high | n << 2
+            or 3 + n * stride != segment_words
+        ):
+            return None
+        words = body[8:].cast("Q")
+        zeros = self._zeros.get(n)
+        if zeros is None:
+            zeros = self._zeros[n] = bytes(8 * n)
+        for word in range(stride):
+            if word != self.field and words[3 + word :: stride].tobytes() != zeros:
+                return None  # an outcome with a status, message, value or counter
+        versions: list[int] = words[3 + self.field :: stride].tolist()
+        return versions
+
+
+_ONE_POINTER_ROOT: Final = 1 << 48  # struct pointer, offset 0, no data words, one pointer
+_READ_HEAD: Final = struct.Struct("<IIQQQ").unpack_from

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
 import rpcfast
 from rpcfast._schema import interface_spec
-from services.kvstore._direct import DirectStruct
+from services.kvstore._direct import DirectStruct, VersionList
 from services.kvstore._objects import ObjectManager, RejectRules
 from services.kvstore.errors import InvalidParameter, KvError, Retry, Status, TableDoesntExist
 from services.kvstore.log import StorageConfig
@@ -62,22 +61,7 @@ def _outcome(error: KvError) -> dict[str, Any]:
     return {"status": int(error.status), "message": error.message}
 
 
-def _layout_of(schema: Any) -> tuple[int, int, dict[str, int]]:
-    """(data words, pointers, slot offset by field name) of a struct schema."""
-    node = schema.node.struct
-    return (
-        node.dataWordCount,
-        node.pointerCount,
-        {f.proto.name: f.proto.slot.offset for f in schema.fields_list},
-    )
-
-
-_OUT_DATA, _OUT_PTRS, _OUT_SLOTS = _layout_of(kv_capnp.Outcome.schema)
-_OUT_WORDS = _OUT_DATA + _OUT_PTRS
-_OUT_VERSION = _OUT_SLOTS["version"]  # a 64-bit slot: its word in the data section
-# The results struct (outcomes :List(Outcome)): no data, one pointer, right after the root.
-_RESULTS_ROOT = 1 << 48  # struct pointer, offset 0, 0 data words, 1 pointer
-_OUT_TAG_HIGH = (_OUT_DATA | _OUT_PTRS << 16) << 32
+_VERSION_LIST = VersionList(kv_capnp.Outcome.schema, "version")
 
 
 class _Versions:
@@ -93,16 +77,7 @@ class _Versions:
         self.versions = versions
 
     def to_segments(self) -> list[bytes]:
-        versions = self.versions
-        n = len(versions)
-        words = array("Q", bytes(8 * (3 + n * _OUT_WORDS)))
-        words[0] = _RESULTS_ROOT
-        words[1] = (n * _OUT_WORDS << 3 | 7) << 32 | 1  # composite list right after it
-        words[2] = _OUT_TAG_HIGH | n << 2  # the tag word: element count and struct size
-        words[3 + _OUT_VERSION :: _OUT_WORDS] = array("Q", versions)
-        if sys.byteorder != "little":
-            words.byteswap()
-        return [words.tobytes()]
+        return [_VERSION_LIST.encode(self.versions)]
 
 
 _READ_RESULTS = DirectStruct(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from rpcfast._schema import interface_spec
 from rpcfast._wire import MalformedMessage
 from services.kvstore._backup import _decode_write as decode_write_segment
-from services.kvstore._direct import DirectStruct
+from services.kvstore._direct import DirectStruct, VersionList
 from services.kvstore._master import kv_capnp
 from services.kvstore._replication import _GENERIC_WRITE as GENERIC_WRITE_SEGMENT
 from services.kvstore._replication import _encode_write as encode_write_segment
@@ -112,3 +112,57 @@ def test_replication_writes_of_big_or_viewed_data_take_the_generic_codec() -> No
     assert decode_write_segment(memoryview(message))[3] == b"view"  # (same layout)
     with pytest.raises(MalformedMessage):  # truncated: not in place, and the generic decoder
         decode_write_segment(memoryview(message[:-8]))  # refuses it
+
+
+MULTI_WRITE = interface_spec(kv_capnp.Master).by_name["multiWrite"]
+VERSIONS = VersionList(kv_capnp.Outcome.schema, "version")
+OUTCOMES = st.lists(
+    st.one_of(
+        U64.map(lambda v: {"version": v}),
+        st.fixed_dictionaries(
+            {"status": st.integers(1, 20), "message": st.text(max_size=20)},
+            optional={"version": U64},
+        ),
+        st.fixed_dictionaries({"version": U64, "counter": st.integers(-5, 5)}),
+        st.fixed_dictionaries({"version": U64, "value": st.binary(min_size=1, max_size=9)}),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OUTCOMES)
+def test_version_lists_are_read_in_place_only_when_every_outcome_is_a_bare_version(
+    outcomes: list[dict[str, Any]],
+) -> None:
+    message = b"".join(bytes(p) for p in MULTI_WRITE.results.encode_parts({"outcomes": outcomes}))
+    got = VERSIONS.read(memoryview(message))
+    if all(set(o) == {"version"} or o.get("counter") == 0 for o in outcomes):
+        assert got == [o["version"] for o in outcomes]  # the generic encoder's layout too
+    else:
+        assert got is None  # a status, message, value or counter: the generic decoder's
+    versions = [o.get("version", 0) for o in outcomes]
+    bare = [{"version": v} for v in versions]
+    whole = b"".join(bytes(p) for p in MULTI_WRITE.results.encode_parts({"outcomes": bare}))
+    assert whole[8:] == VERSIONS.encode(versions)  # after the segment table: the same bytes
+    assert VERSIONS.read(memoryview(whole)) == versions
+
+
+def test_version_lists_of_other_shapes_go_to_the_generic_decoder() -> None:
+    good = b"".join(
+        bytes(p)
+        for p in MULTI_WRITE.results.encode_parts({"outcomes": [{"version": 7}, {"version": 9}]})
+    )
+    assert VERSIONS.read(memoryview(good)) == [7, 9]
+    bad = [
+        good[:-8],  # truncated
+        good[:16],  # too short for the list
+        b"\x01" + good[1:],  # a second segment
+        good[:8] + b"\x04" + good[9:],  # the root is not at offset 0
+        good[:16] + b"\x0d" + good[17:],  # the list pointer's offset
+        good[:24] + b"\x0c" + good[25:],  # the tag's element count
+        good[:30] + b"\x03" + good[31:],  # the tag's pointer count
+        good + bytes(8),  # a segment longer than the list
+    ]
+    for message in bad:
+        assert VERSIONS.read(memoryview(message)) is None, message.hex()
