@@ -681,12 +681,13 @@ class SessionCore:
         self._send_control(rpc.peer, _ABORT, _FROM_CLIENT, 0, rpc_id, 0)
 
     # -- client role: the inline call ---------------------------------------------------------
-    def call_inline(self, peer: Addr, small: bytes, now: float) -> bytes | None:
+    def call_inline(self, small: bytes) -> bytes | None:
         """Start a one-datagram call whose caller sends the returned datagram itself, then
-        calls :meth:`track_inline`, and polls until ``inline_view`` (the response) or
-        ``inline_error`` is set: the response is handed over there instead of to
-        ``response_sink`` or ``events``. The caller ends it with :meth:`end_inline`, or with
-        :meth:`adopt_inline` to make it an ordinary call when it stops polling first.
+        calls :meth:`track_inline` (with the peer and the send time), and polls until
+        ``inline_view`` (the response) or ``inline_error`` is set: the response is handed over
+        there instead of to ``response_sink`` or ``events``. The caller ends it with
+        :meth:`end_inline`, or with :meth:`adopt_inline` to make it an ordinary call when it
+        stops polling first.
 
         None (nothing started) when the call must take :meth:`call`: an inline call is already
         in progress, output is queued, or ``small`` is over one datagram."""

@@ -454,7 +454,7 @@ class UdpTransport(Transport):
             if small is None:
                 return False
         core = self.core
-        datagram = core.call_inline(addr, small, now)
+        datagram = core.call_inline(small)
         if datagram is None:
             return False
         try:

@@ -903,7 +903,7 @@ def test_deadline_moved_flags_every_newly_armed_timer() -> None:
 
 def inline_call(link: Link, client: SessionCore, payload: bytes) -> int:
     """Start an inline call over the link as a driver does: send the datagram, then track it."""
-    datagram = client.call_inline("S", payload, link.now)
+    datagram = client.call_inline(payload)
     assert datagram is not None
     link._send("C", "S", datagram)
     return client.track_inline("S", payload, link.now)
@@ -971,13 +971,13 @@ def test_inline_call_that_dies_reports_inline_error() -> None:
 def test_inline_call_is_refused_while_one_is_in_progress_or_output_is_queued() -> None:
     config = SessionConfig(max_datagram=1472)
     client = SessionCore(config, client_id=7)
-    assert client.call_inline("S", bytes(2000), 0.0) is None  # over one datagram
-    assert client.call_inline("S", b"a", 0.0) is not None
-    assert client.call_inline("S", b"b", 0.0) is None  # (not tracked yet: still in progress)
+    assert client.call_inline(bytes(2000)) is None  # over one datagram
+    assert client.call_inline(b"a") is not None
+    assert client.call_inline(b"b") is None  # (not tracked yet: still in progress)
     assert client.end_inline() is None  # never sent: nothing to tell the server
     assert not client.outbox and client.stats.calls_cancelled == 0
     client.call("S", [bytes(5000)], 0.0)  # a fragmented call leaves datagrams queued
-    assert client.outbox and client.call_inline("S", b"c", 0.0) is None
+    assert client.outbox and client.call_inline(b"c") is None
 
 
 def test_calls_made_during_an_inline_call_acknowledge_only_what_is_done() -> None:
