@@ -872,7 +872,11 @@ class _Source:
             lines += [f"x = get({name!r})", "if x is None:", f"    {w0} = {w1} = 0"]
             if f.kind == "data":
                 lines += [
-                    "elif x.__class__ is bytes and len(x) < BIG_DATA:",
+                    # small bytes, or a plain view of bytes (a request's Data echoed back),
+                    # copied in place: _write_data handles the rest
+                    "elif (x.__class__ is bytes or (x.__class__ is memoryview and"
+                    " x.itemsize == 1 and x.ndim == 1 and x.c_contiguous))"
+                    " and len(x) < BIG_DATA:",
                     "    n = len(x)",
                     "    t = len(out)",
                     "    out += x",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from rpcfast import _wire
+from rpcfast._capnp_fast import NeedsFallback, Unsupported
 from rpcfast._errors import RemoteError, Status
 from rpcfast._pending import PendingCall
 from rpcfast.dispatch._poller import Poller
@@ -41,6 +42,51 @@ class CallPlan:
         self.decode: Callable[[memoryview], Any] = (
             getattr(results, "custom_decode", None) or results.decode
         )
+        # the generated encoder and decoder, called without the codec's wrapper
+        self.fast_encode: Callable[[Any], list[Any]] | None = _fast_entry(
+            params, "custom_encode", "encode"
+        )
+        self.fast_decode: Callable[[memoryview], Any] | None = _fast_entry(
+            results, "custom_decode", "decode"
+        )
+
+
+def encode_with(
+    fast_encode: Callable[[Any], list[Any]] | None,
+    encode_parts: Callable[[Any], list[Any]],
+    value: Any,
+) -> list[Any]:
+    """``encode_parts(value)``, calling the struct's generated encoder directly for the usual
+    value (a non-empty dict of fields): the codec's wrapper is a Python frame of its own."""
+    if fast_encode is not None and value.__class__ is dict and value:
+        try:
+            return fast_encode(value)
+        except Unsupported:
+            pass  # the wrapper knows what to do (pycapnp, or its error)
+    return encode_parts(value)
+
+
+def decode_with(
+    fast_decode: Callable[[memoryview], Any] | None,
+    decode: Callable[[memoryview], Any],
+    body: memoryview,
+) -> Any:
+    """``decode(body)``, calling the struct's generated decoder directly when there is one
+    (it raises MalformedMessage for garbage, as the wrapper does)."""
+    if fast_decode is not None and len(body) != 0:
+        try:
+            return fast_decode(body)
+        except NeedsFallback:
+            pass  # several segments, far pointers: pycapnp reads it
+    return decode(body)
+
+
+def _fast_entry(codec: Any, custom: str, name: str) -> Any:
+    """The generated ``encode``/``decode`` of a codec without hand-written functions, if any."""
+    if getattr(codec, custom, None) is not None:
+        return None
+    fast = getattr(codec, "fast", None)
+    return None if fast is None else getattr(fast, name)
 
 
 def remote_error(payload: memoryview, status: int, offset: int, code: int) -> RemoteError:
@@ -70,7 +116,8 @@ class Completion:
             return
         result = None
         try:
-            result = self.plan.decode(payload[_HEADER_SIZE:])
+            plan = self.plan
+            result = decode_with(plan.fast_decode, plan.decode, payload[_HEADER_SIZE:])
             self.callback(result, None)
         finally:
             if result is not None and type(result) is not tuple:  # (custom decoders' tuples)
@@ -105,7 +152,7 @@ class Caller:
         if params is None and plan.params_empty:
             message: list[Any] = [plan.header]
         else:
-            message = [plan.header, *plan.encode_parts(params)]
+            message = [plan.header, *encode_with(plan.fast_encode, plan.encode_parts, params)]
         if self.closed:
             raise RuntimeError("connection is closed")
         if timeout is None:
@@ -192,10 +239,10 @@ class Caller:
         if not rflags and status == _STATUS_OK:
             if len(payload) == _HEADER_SIZE and plan.results_empty:
                 return None  # what an empty result struct decodes to, without the call
-            return plan.decode(payload[_HEADER_SIZE:])
+            return decode_with(plan.fast_decode, plan.decode, payload[_HEADER_SIZE:])
         offset = _HEADER_SIZE
         if rflags & _FLAG_TRACE:  # (a traced reply to an untraced call: skip the stamps)
             offset += _TRACE_SIZE
         if status != _STATUS_OK:
             raise remote_error(payload, status, offset, head[2])
-        return plan.decode(payload[offset:])
+        return decode_with(plan.fast_decode, plan.decode, payload[offset:])

@@ -17,6 +17,7 @@ import capnp  # type: ignore[import-untyped,unused-ignore]
 
 from rpcfast import _wire
 from rpcfast._errors import ServiceError, Status
+from rpcfast._fastcall import _fast_entry, decode_with, encode_with
 
 log: Final = logging.getLogger("rpcfast.server")
 
@@ -31,9 +32,12 @@ _pack_trace: Final = _wire.TRACE.pack
 _now_ns: Final = time.perf_counter_ns
 _MALFORMED: Final = (capnp.KjException, _wire.MalformedMessage)
 
-Handler = tuple[Any, Callable[[Any], Any], bool, bool, Callable[[memoryview], Any], Any, bool]
-"""(method, bound handler, fast, bare, params decode, results encode_parts, results empty):
-bare marks a fast handler whose params are empty."""
+Handler = tuple[
+    Any, Callable[[Any], Any], bool, bool, Callable[[memoryview], Any], Any, bool, Any, Any
+]
+"""(method, bound handler, fast, bare, params decode, results encode_parts, results empty,
+params' generated decoder, results' generated encoder): bare marks a fast handler whose
+params are empty; the generated functions (None without) skip the codecs' wrapper frames."""
 
 Spawn = Callable[[Any, Any, Any, Callable[[Any], Any], memoryview, int, int], None]
 """(transport, token, method, handler, body, flags, recv_ns): run an async handler in a task."""
@@ -45,7 +49,17 @@ def handler_entry(method: Any, fn: Callable[[Any], Any], fast: bool) -> Handler:
     bare = fast and bool(params.empty)
     # a CustomCodec's hand-written decoder is called directly (no wrapper frame)
     decode = getattr(params, "custom_decode", None) or params.decode
-    return (method, fn, fast, bare, decode, results.encode_parts, bool(results.empty))
+    return (
+        method,
+        fn,
+        fast,
+        bare,
+        decode,
+        results.encode_parts,
+        bool(results.empty),
+        _fast_entry(params, "custom_decode", "decode"),
+        _fast_entry(results, "custom_encode", "encode"),
+    )
 
 
 def error_response(status: int, message: str, code: int = 0) -> list[Any]:
@@ -101,7 +115,9 @@ class Router:
             self.refused += 1
             transport.reply(token, error_response(Status.SHUTTING_DOWN, "server is stopping"))
             return
-        method, fn, fast, bare, decode, encode_parts, results_empty = handlers[ordinal]
+        method, fn, fast, bare, decode, encode_parts, results_empty, fast_decode, fast_encode = (
+            handlers[ordinal]
+        )
         if not fast:
             self.task_requests += 1
             self.spawn(transport, token, method, fn, message[_HEADER_SIZE:], flags, recv_ns)
@@ -121,7 +137,7 @@ class Router:
                 result.bind(self, transport, token, method, flags, 0, 0)
                 return
             try:
-                encoded = [_OK, *encode_parts(result)]
+                encoded = [_OK, *encode_with(fast_encode, encode_parts, result)]
             except Exception as exc:
                 encoded = self.failure(method, exc)
             transport.reply(token, encoded)
@@ -129,12 +145,12 @@ class Router:
         start_ns = _now_ns() if flags & _FLAG_TRACE else 0
         request = None
         try:
-            request = decode(message[_HEADER_SIZE:])
+            request = decode_with(fast_decode, decode, message[_HEADER_SIZE:])
             result = fn(request)
             if type(result) is Deferred:
                 result.bind(self, transport, token, method, flags, recv_ns, start_ns)
                 return
-            response = [_OK, *encode_parts(result)]
+            response = [_OK, *encode_with(fast_encode, encode_parts, result)]
         except Exception as exc:
             response = self.failure(method, exc)
         finally:
