@@ -57,12 +57,20 @@ def encode_with(
     value: Any,
 ) -> list[Any]:
     """``encode_parts(value)``, calling the struct's generated encoder directly for the usual
-    value (a non-empty dict of fields): the codec's wrapper is a Python frame of its own."""
-    if fast_encode is not None and value.__class__ is dict and value:
-        try:
-            return fast_encode(value)
-        except Unsupported:
-            pass  # the wrapper knows what to do (pycapnp, or its error)
+    value (a non-empty dict of fields), and a hand-written result's ``rpcfast_message()``
+    directly too: the codec's wrapper is a Python frame of its own."""
+    cls = value.__class__
+    if cls is dict:
+        if fast_encode is not None and value:
+            try:
+                return fast_encode(value)
+            except Unsupported:
+                pass  # the wrapper knows what to do (pycapnp, or its error)
+    elif fast_encode is not None and value is not None:  # (not for hand-written encoders)
+        message = getattr(value, "rpcfast_message", None)
+        if message is not None:
+            parts: list[Any] = message()
+            return parts
     return encode_parts(value)
 
 
