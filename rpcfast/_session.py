@@ -776,6 +776,13 @@ class SessionCore:
             self.stats.replies_dropped += 1
             self._forget(rpc, now)
             return
+        if total <= self._frag and small is not None:
+            # the common case: the datagram leaves first, the bookkeeping follows (off the
+            # round trip's critical path)
+            datagram = _FAST.pack(_RESPONSE_HEAD, total, rpc.cid, seq, 0) + small
+            send_now = self.send_now
+            if send_now is None or self.outbox or not send_now(rpc.peer, datagram):
+                self.outbox.append((rpc.peer, (datagram,)))
         rpc.state = _RESPONDING
         rpc.views = views
         rpc.total = total
@@ -788,12 +795,7 @@ class SessionCore:
         if total <= self._frag:
             rpc.sent = total
             rpc.last_tx = now
-            if small is not None:
-                datagram = _FAST.pack(_RESPONSE_HEAD, total, rpc.cid, seq, 0) + small
-                send_now = self.send_now
-                if send_now is None or self.outbox or not send_now(rpc.peer, datagram):
-                    self.outbox.append((rpc.peer, (datagram,)))
-            else:
+            if small is None:
                 header = _HEADER.pack(_MAGIC, _ALL_DATA, 0, 0, total, rpc.cid, seq, 0, 0, 0)
                 self.outbox.append((rpc.peer, (header, *views)))
             self.stats.datagrams_out += 1
