@@ -43,10 +43,10 @@ class CallPlan:
             getattr(results, "custom_decode", None) or results.decode
         )
         # the generated encoder and decoder, called without the codec's wrapper
-        self.fast_encode: Callable[[Any], list[Any]] | None = _fast_entry(
+        self.fast_encode: Callable[[Any], list[Any]] | None = fast_entry(
             params, "custom_encode", "encode"
         )
-        self.fast_decode: Callable[[memoryview], Any] | None = _fast_entry(
+        self.fast_decode: Callable[[memoryview], Any] | None = fast_entry(
             results, "custom_decode", "decode"
         )
 
@@ -89,7 +89,7 @@ def decode_with(
     return decode(body)
 
 
-def _fast_entry(codec: Any, custom: str, name: str) -> Any:
+def fast_entry(codec: Any, custom: str, name: str) -> Any:
     """The generated ``encode``/``decode`` of a codec without hand-written functions, if any."""
     if getattr(codec, custom, None) is not None:
         return None
@@ -224,7 +224,7 @@ class Caller:
         if params is None and plan.params_empty:
             message: list[Any] = [plan.header]
         else:
-            message = [plan.header, *plan.encode_parts(params)]
+            message = [plan.header, *encode_with(plan.fast_encode, plan.encode_parts, params)]
         pending = PendingCall()
         pending.callback = Completion(plan, callback)
         self.transport.call(self.peer, message, pending)

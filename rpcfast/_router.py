@@ -17,7 +17,7 @@ import capnp  # type: ignore[import-untyped,unused-ignore]
 
 from rpcfast import _wire
 from rpcfast._errors import ServiceError, Status
-from rpcfast._fastcall import _fast_entry, decode_with, encode_with
+from rpcfast._fastcall import decode_with, encode_with, fast_entry
 
 log: Final = logging.getLogger("rpcfast.server")
 
@@ -57,8 +57,8 @@ def handler_entry(method: Any, fn: Callable[[Any], Any], fast: bool) -> Handler:
         decode,
         results.encode_parts,
         bool(results.empty),
-        _fast_entry(params, "custom_decode", "decode"),
-        _fast_entry(results, "custom_encode", "encode"),
+        fast_entry(params, "custom_decode", "decode"),
+        fast_entry(results, "custom_encode", "encode"),
     )
 
 

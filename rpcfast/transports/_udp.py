@@ -21,7 +21,6 @@ from urllib.parse import parse_qs
 
 from rpcfast._errors import PeerDead
 from rpcfast._session import (
-    _SMALL,
     EV_ABORTED,
     EV_FAILED,
     EV_REQUEST,
@@ -445,14 +444,9 @@ class UdpTransport(Transport):
         chan = self._channels.get(addr)
         if chan is None:
             return False
-        if len(message) == 1:
-            small: Buffer | None = message[0]
-            if type(small) is not bytes or len(small) > _SMALL:
-                return False
-        else:
-            small = _join_small(message)
-            if small is None:
-                return False
+        small = _join_small(message)
+        if small is None:
+            return False
         core = self.core
         datagram = core.call_inline(small)
         if datagram is None:
@@ -481,6 +475,7 @@ class UdpTransport(Transport):
         core = self.core
         chan = self._inline_chan
         self._inline_chan = None
+        view: memoryview | None = None
         if pending is not None and core.inline_view is None:
             error = core.inline_error
             if error is None and self._closed:  # (closed while the caller polled)
@@ -495,15 +490,11 @@ class UdpTransport(Transport):
             pending.fail(PeerDead(error))
         else:
             view = core.end_inline()
-            if view is not None:
-                if chan is not None:
-                    self._release_channel(chan)
-                return view
         if chan is not None:
             self._release_channel(chan)
-        if core.outbox:  # (the ABORT of a cancelled call)
+        if view is None and core.outbox:  # (the ABORT of a cancelled call)
             self._flush()
-        return None
+        return view
 
     def _release_channel(self, chan: _Channel) -> None:
         chan.outstanding -= 1

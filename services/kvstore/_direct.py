@@ -169,7 +169,7 @@ class VersionList:
             return None
         head, segment_words, root, list_ptr, tag = _READ_HEAD(body)
         stride = self.words
-        n = (segment_words - 3) // stride if stride else 0
+        n = (segment_words - 3) // stride
         if (
             head != 0  # one segment
             or segment_words * 8 != size - 8
