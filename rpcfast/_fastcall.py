@@ -167,8 +167,21 @@ class Caller:
             timeout = self.timeout
         start = _clock()
         udp = self.udp
-        if udp is not None and udp.call_inline(self.peer, message, start):
-            return self.spin_inline(udp, plan, start, timeout)
+        if udp is not None:
+            spin_until = start + self.call_spin
+            if timeout is not None and start + timeout < spin_until:
+                spin_until = start + timeout
+            # with nothing else to poll, the call's socket is polled in C first, for up to
+            # busy_spin (the rest of the spin, if any, takes the poller's loop, which parks on
+            # an oversubscribed machine and runs timers)
+            poller = self.poller
+            c_until = 0.0
+            if len(poller.polls) == 1:
+                c_until = start + poller.busy_spin
+                if c_until > spin_until:
+                    c_until = spin_until
+            if udp.call_inline(self.peer, message, start, c_until):
+                return self.spin_inline(udp, plan, start, spin_until, c_until)
         pending = PendingCall()
         pending.started = start
         self.transport.call(self.peer, message, pending)
@@ -186,21 +199,20 @@ class Caller:
         return self.finish(plan, pending)
 
     def spin_inline(
-        self, udp: UdpTransport, plan: CallPlan, start: float, timeout: float | None
+        self, udp: UdpTransport, plan: CallPlan, start: float, spin_until: float, c_until: float
     ) -> Any:
-        """:meth:`call`'s spin for an inline UDP call (``UdpTransport.call_inline``)."""
+        """:meth:`call`'s spin for an inline UDP call (``UdpTransport.call_inline``), which has
+        polled its socket until ``c_until`` already (0: not at all)."""
         core = udp.core
-        spin_until = start + self.call_spin
-        if timeout is not None and start + timeout < spin_until:
-            spin_until = start + timeout
         poller = self.poller
+        if core.inline_view is None and c_until and poller.idle_since > start:
+            # the polls in C were an idle run: an oversubscribed machine parks sooner
+            poller.idle_since = start
         try:
-            while True:
-                poller.poll_once()
-                if core.inline_view is not None or core.inline_error is not None:
-                    break
+            while core.inline_view is None and core.inline_error is None:
                 if _clock() > spin_until:
                     break
+                poller.poll_once()
         except BaseException:
             udp.end_inline(None)  # cancelled
             raise

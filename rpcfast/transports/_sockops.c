@@ -30,6 +30,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define CACHE_SIZE 256 /* a power of two */
 
@@ -386,6 +387,89 @@ SockOps_sendto(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
     return send_data(self->fd, args[0], (struct sockaddr *)&entry->sa, entry->len);
 }
 
+/* The session core's one-datagram call, from send to response (rpcfast._session's wire format:
+ * a 32-byte header, little-endian: u32 magic|kind<<8|flags<<16, u32 payload length, u64 client
+ * id, u64 sequence, u64 offset|frag<<32|ack<<48). */
+#define HEADER_SIZE 32
+#define RESPONSE_HEAD (0xB5u | 1u << 8) /* magic, ALL_DATA, no flags: a whole first response */
+
+static double
+monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.perf_counter's clock on Linux */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+PyDoc_STRVAR(
+    call_whole_doc,
+    "call_whole(datagram, until) -> bytes | tuple[bytes] | bool | None\n\n"
+    "Send a whole one-datagram request (the session core's ALL_DATA format) on a connected "
+    "socket, then poll the socket until ``until`` (time.perf_counter seconds) for its response. "
+    "Returns the response's payload (bytes) when the first datagram to arrive is its whole "
+    "first transmission; ``(datagram,)`` when another datagram arrived first (the caller feeds "
+    "it to the session core); None when nothing arrived in time or the receive failed (the "
+    "core's timers recover); False, with nothing sent, when the socket buffer is full. A send "
+    "error raises OSError.");
+
+static PyObject *
+SockOps_call_whole(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "call_whole(datagram: bytes, until: float)");
+        return NULL;
+    }
+    double until = PyFloat_AsDouble(args[1]);
+    if (until == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    const char *request = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t request_size = PyBytes_GET_SIZE(args[0]);
+    if (request_size < HEADER_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "call_whole: datagram shorter than a header");
+        return NULL;
+    }
+    if (send(self->fd, request, (size_t)request_size, MSG_DONTWAIT) < 0) {
+        if (would_block(errno)) {
+            Py_RETURN_FALSE;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (;;) {
+        ssize_t got = recv(self->fd, scratch, SCRATCH_SIZE, MSG_DONTWAIT);
+        if (got < 0) {
+            if (!would_block(errno) || monotonic_now() > until) {
+                Py_RETURN_NONE;
+            }
+            continue;
+        }
+        self->large = got > SMALL_DATAGRAM;
+        if (got >= HEADER_SIZE) {
+            uint32_t head, length;
+            uint64_t tail;
+            memcpy(&head, scratch, 4);
+            memcpy(&length, scratch + 4, 4);
+            memcpy(&tail, scratch + 24, 8);
+            /* the same client id and sequence: bytes 8-24 of the request */
+            if (head == RESPONSE_HEAD && length == (uint64_t)(got - HEADER_SIZE) && tail == 0 &&
+                memcmp(scratch + 8, request + 8, 16) == 0) {
+                return PyBytes_FromStringAndSize(scratch + HEADER_SIZE, got - HEADER_SIZE);
+            }
+        }
+        PyObject *data = PyBytes_FromStringAndSize(scratch, got);
+        if (data == NULL) {
+            return NULL;
+        }
+        PyObject *result = PyTuple_New(1);
+        if (result == NULL) {
+            Py_DECREF(data);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(result, 0, data);
+        return result;
+    }
+}
+
 PyDoc_STRVAR(close_doc, "close() -> None\n\n"
                         "Forget the socket's descriptor before its owner closes it: later calls "
                         "fail with EBADF instead of reaching whatever reuses the number.");
@@ -398,6 +482,8 @@ SockOps_close(SockOps *self, PyObject *unused)
 }
 
 static PyMethodDef SockOps_methods[] = {
+    {"call_whole", (PyCFunction)(void (*)(void))SockOps_call_whole, METH_FASTCALL,
+     call_whole_doc},
     {"close", (PyCFunction)SockOps_close, METH_NOARGS, close_doc},
     {"recv", (PyCFunction)(void (*)(void))SockOps_recv, METH_FASTCALL, recv_doc},
     {"recvfrom", (PyCFunction)(void (*)(void))SockOps_recvfrom, METH_FASTCALL, recvfrom_doc},
@@ -490,6 +576,11 @@ PyInit__sockops(void)
     }
     PyObject *module = PyModule_Create(&sockops_module);
     if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(module, "HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(module, "RESPONSE_HEAD", RESPONSE_HEAD) < 0) {
+        Py_DECREF(module);
         return NULL;
     }
     Py_INCREF(&SockOpsType);

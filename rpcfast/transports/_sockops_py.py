@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Any
+import struct
+import time
+from typing import Any, Final
 
 from rpcfast._types import Buffer
+
+HEADER_SIZE: Final = 32
+RESPONSE_HEAD: Final = 0xB5 | 1 << 8
+_HEAD: Final = struct.Struct("<II")
+_TAIL: Final = struct.Struct("<Q")
 
 
 class SockOps:
@@ -53,6 +60,36 @@ class SockOps:
         except (BlockingIOError, InterruptedError):
             return False
         return True
+
+    def call_whole(self, datagram: bytes, until: float, /) -> bytes | tuple[bytes] | bool | None:
+        """Send a whole one-datagram request (the session core's ALL_DATA format), then poll
+        for its response until ``until`` (``time.perf_counter``): its payload, ``(datagram,)``
+        for another datagram that came first, None for nothing in time (or a failed receive),
+        False when the socket buffer is full (nothing sent)."""
+        if len(datagram) < HEADER_SIZE:
+            raise ValueError("call_whole: datagram shorter than a header")
+        if not self.send(datagram):
+            return False
+        clock = time.perf_counter
+        while True:
+            try:
+                data = self._recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                if clock() > until:
+                    return None
+                continue
+            except OSError:
+                return None
+            if len(data) >= HEADER_SIZE:
+                head, length = _HEAD.unpack_from(data)
+                if (
+                    head == RESPONSE_HEAD
+                    and length == len(data) - HEADER_SIZE
+                    and _TAIL.unpack_from(data, 24)[0] == 0
+                    and data[8:24] == datagram[8:24]
+                ):
+                    return data[HEADER_SIZE:]
+            return (data,)
 
     def close(self) -> None:
         """Forget the socket before its owner closes it (the calls then raise OSError)."""

@@ -110,6 +110,7 @@ class _Channel:
         self.ops = ops = SockOps(sock)
         self.recv = ops.recv  # None when nothing is waiting
         self.send = ops.send  # False when the socket buffer is full
+        self.call_whole = ops.call_whole  # send a one-datagram call and poll for its response
         self.sendmsg = sock.sendmsg
         self.outstanding = 0
 
@@ -144,6 +145,7 @@ class UdpTransport(Transport):
         self._main_calls = 0  # calls of a client-only endpoint made over its unconnected socket
         self._inline_chan: _Channel | None = None  # the channel of the inline call in progress
         self.n_inline_calls = 0  # calls sent by call_inline
+        self.n_answered_in_c = 0  # of those, answered while call_whole polled (no record made)
         self.n_drained = 0  # datagrams taken in by drain() (late replies on idle sockets)
         self._ops = ops = SockOps(sock)
         self._recvfrom = ops.recvfrom  # None when nothing is waiting
@@ -430,12 +432,19 @@ class UdpTransport(Transport):
         if core.deadline_moved:
             self._rearm()
 
-    def call_inline(self, peer: str, message: Sequence[Buffer], now: float) -> bool:
+    def call_inline(
+        self, peer: str, message: Sequence[Buffer], now: float, poll_until: float = 0.0
+    ) -> bool:
         """Send a call whose caller polls for the response itself (``SessionCore.call_inline``:
         the response lands in ``core.inline_view``, or the failure in ``core.inline_error``);
         the caller then calls :meth:`end_inline`. False, with nothing sent, when the call must
         go through :meth:`call` instead: only a client endpoint's one-datagram calls to a
-        server it has a channel to (made by an earlier :meth:`call`) go inline."""
+        server it has a channel to (made by an earlier :meth:`call`) go inline.
+
+        With ``poll_until`` (``time.perf_counter`` seconds; for a caller with nothing else to
+        poll) the call's own socket is polled in C until then, right after the send
+        (``SockOps.call_whole``): a response that comes in time ends the call before it has a
+        record in the session core."""
         if not self._client_only or self._closed:
             return False
         addr = self._peers.get(peer)
@@ -451,20 +460,33 @@ class UdpTransport(Transport):
         datagram = core.call_inline(small)
         if datagram is None:
             return False
+        got: bytes | tuple[bytes] | bool | None = None
         try:
-            if not chan.send(datagram):  # socket buffer full: take the queued path
+            if poll_until:
+                got = chan.call_whole(datagram, poll_until)
+                sent = got is not False
+            else:
+                sent = chan.send(datagram)
+            if not sent:  # socket buffer full: take the queued path
                 core.end_inline()
                 return False
         except OSError as exc:  # unreachable peer: as in _flush, the core resends or aborts
             self.send_errors += 1
             log.debug("udp send to %s failed: %s", addr, exc)
+        self.n_inline_calls += 1
+        if type(got) is bytes:
+            core.answered_inline(got)
+            self.n_answered_in_c += 1
+            return True
         core.track_inline(addr, small, now)
         if chan.outstanding == 0:
             self._polled.append(chan)
         chan.outstanding += 1
         self._inline_chan = chan
-        self.n_inline_calls += 1
-        if core.deadline_moved:
+        if type(got) is tuple:  # another datagram came first
+            core.receive(got[0], addr, _clock())
+            self._settle()
+        elif core.deadline_moved:
             self._rearm()
         return True
 

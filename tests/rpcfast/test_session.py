@@ -18,10 +18,12 @@ from rpcfast._session import (
     _ABORT,
     _ALL_DATA,
     _DATA,
+    _FAST,
     _FROM_CLIENT,
     _GRANT,
     _HEADER,
     _MAGIC,
+    _RESPONSE_HEAD,
     EV_ABORTED,
     EV_FAILED,
     EV_REQUEST,
@@ -966,6 +968,35 @@ def test_inline_call_that_dies_reports_inline_error() -> None:
     with pytest.raises(RuntimeError):
         client.adopt_inline()
     assert client.end_inline() is None and client.outstanding_calls() == 0
+
+
+def test_inline_call_answered_before_it_is_tracked_leaves_no_record() -> None:
+    """The driver received the response right after sending (``SockOps.call_whole``)."""
+    config = SessionConfig()
+    link = Link()
+    client, heard, server, app = pair(link, config)
+    for i in range(3):
+        datagram = client.call_inline(b"quick %d" % i)
+        assert datagram is not None
+        server.receive(datagram, "C", link.now)
+        app(server.events.popleft())  # the server answers at once
+        while server.outbox:
+            _, parts = server.outbox.popleft()
+            response = b"".join(parts)
+            assert response[:8] == _FAST.pack(_RESPONSE_HEAD, len(response) - 32, 0, 0, 0)[:8]
+            client.answered_inline(response[HEADER_SIZE:])
+        assert client.outstanding_calls() == 0 and client.next_deadline() is None
+        assert bytes(client.end_inline() or b"") == b"quick %d" % i
+    # the next calls take the following sequence numbers and acknowledge the answered ones
+    rpc_id = inline_call(link, client, b"tracked")
+    assert rpc_id == 4
+    link.run_until(lambda: client.inline_view is not None, max_time=1.0)
+    assert bytes(client.end_inline() or b"") == b"tracked"
+    client.call("S", [b"last"], link.now)
+    link.run_until(lambda: bool(heard.responses), max_time=1.0)
+    link.run_until(link.idle, max_time=10.0)
+    assert list(app.requests.values()) == [1] * 5 and server.kept_responses() <= 1
+    assert client.stats.datagrams_in >= 3 and client.stats.datagrams_out >= 5
 
 
 def test_inline_call_is_refused_while_one_is_in_progress_or_output_is_queued() -> None:

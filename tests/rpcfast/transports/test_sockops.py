@@ -227,3 +227,129 @@ def test_runs_of_large_and_small_datagrams_arrive_whole(impl: Any, pair: Any) ->
         data = got[0] if isinstance(got, tuple) else got
         assert data == payload
     assert ops.recv(65536) is None
+
+
+def _request(cid: int, seq: int, payload: bytes) -> bytes:
+    from rpcfast import _session
+
+    return _session._FAST.pack(_session._REQUEST_HEAD, len(payload), cid, seq, 0) + payload
+
+
+def _response(cid: int, seq: int, payload: bytes, tail: int = 0) -> bytes:
+    from rpcfast import _session
+
+    return _session._FAST.pack(_session._RESPONSE_HEAD, len(payload), cid, seq, tail) + payload
+
+
+def test_call_whole_knows_the_session_cores_wire_format() -> None:
+    from rpcfast import _session
+
+    mods = [_sockops_py] + ([_sockops] if _sockops is not None else [])
+    for mod in mods:
+        assert mod.HEADER_SIZE == _session.HEADER_SIZE
+        assert mod.RESPONSE_HEAD == _session._RESPONSE_HEAD
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_call_whole_returns_the_payload_of_its_own_response(impl: Any, pair: Any) -> None:
+    import time
+
+    client, server = pair
+    client.connect(server.getsockname())
+    ops = impl(client)
+    request = _request(7, 42, b"ping")
+    # (queued before the call: call_whole keeps the GIL, so no thread of ours could answer)
+    server.sendto(_response(7, 42, b"pong" * 100), client.getsockname())
+    wait_readable(client)
+    assert ops.call_whole(request, time.perf_counter() + 5.0) == b"pong" * 100
+    assert server.recv(65536) == request
+    # anything else that comes first is handed back whole, for the session core
+    others = [
+        _response(7, 41, b"late"),  # an earlier call's
+        _response(8, 42, b"x"),  # another client id
+        _response(7, 42, b"x", tail=1 << 48),  # not a plain first transmission
+        _response(7, 42, b"xy")[:-1],  # length disagrees with the datagram
+        b"short",
+        _request(7, 42, b"x"),  # not a response
+    ]
+    for other in others:
+        server.sendto(other, client.getsockname())
+        wait_readable(client)
+        assert ops.call_whole(request, time.perf_counter() + 5.0) == (other,)
+        assert server.recv(65536) == request
+    # nothing in time
+    start = time.perf_counter()
+    assert ops.call_whole(request, start + 0.01) is None
+    assert time.perf_counter() - start >= 0.01
+    assert server.recv(65536) == request
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_call_whole_polls_until_the_response_comes(impl: Any, pair: Any) -> None:
+    """A server in another process answers after a delay, while call_whole polls."""
+    import subprocess
+    import sys
+    import time
+
+    client, server = pair
+    server_addr = server.getsockname()
+    server.close()
+    answer = _response(3, 9, b"late but in time").hex()
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"s.bind({server_addr!r})\n"
+        "print('ready', flush=True)\n"
+        "data, addr = s.recvfrom(65536)\n"
+        "time.sleep(0.05)\n"
+        f"s.sendto(bytes.fromhex({answer!r}), addr)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        client.connect(server_addr)
+        start = time.perf_counter()
+        got = impl(client).call_whole(_request(3, 9, b"?"), start + 10.0)
+        assert got == b"late but in time"
+        assert time.perf_counter() - start >= 0.05
+    finally:
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_call_whole_reports_a_full_buffer_and_errors(impl: Any, pair: Any) -> None:
+    import time
+
+    client, server = pair
+    client.connect(server.getsockname())
+    ops = impl(client)
+    with pytest.raises(ValueError):
+        ops.call_whole(b"too short", time.perf_counter())
+    # a full socket buffer: a local datagram socket pair blocks its sender (loopback UDP drops)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        a.setblocking(False)
+        unix_ops = impl(a)
+        full = False
+        for _ in range(10000):
+            got = unix_ops.call_whole(_request(1, 1, bytes(4000)), 0.0)
+            if got is False:
+                full = True
+                break
+            assert got is None
+        assert full, "the socket buffer never filled"
+    finally:
+        a.close()
+        b.close()
+    server.close()  # the peer's port is closed: ECONNREFUSED shows up on a receive or a send
+    for _ in range(3):
+        try:
+            got = ops.call_whole(_request(1, 2, b""), time.perf_counter() + 0.01)
+        except OSError:
+            continue
+        assert got is None or got is False
+    ops.close()
+    with pytest.raises(OSError):
+        ops.call_whole(_request(1, 3, b""), time.perf_counter())

@@ -10,7 +10,7 @@ import trio
 
 import rpcfast
 from rpcfast import fast
-from rpcfast.testing import EchoService, echo_capnp
+from rpcfast.testing import EchoService, echo_capnp, spawn_echo_server
 from rpcfast.transports import UdpTransport, client_transport
 
 
@@ -155,3 +155,49 @@ async def test_an_inline_call_whose_transport_closes_meanwhile_fails_as_peer_dea
                 await stub.ping()
             assert transport.n_inline_calls == before + 1
         assert not transport._calls and transport.core.inline_view is None
+
+
+async def test_a_client_with_nothing_else_to_poll_takes_responses_in_c() -> None:
+    """A client-only process (its dispatcher polls one transport) polls the call's own socket in
+    C right after the send: one-datagram responses end the call before the session core makes
+    a record; anything else (fragments, slow handlers, errors) goes on as before."""
+    proc, addresses = spawn_echo_server(["udp://127.0.0.1:0"])
+    try:
+        async with rpcfast.connect(addresses[0], timeout=5.0) as conn:
+            stub = conn.stub(echo_capnp.Echo)
+            assert await stub.ping() is None  # the first call opens the channel
+            transport = conn.transport
+            assert isinstance(transport, UdpTransport)
+            assert len(conn.dispatcher.poller.polls) == 1
+            core = transport.core
+            calls, answered = transport.n_inline_calls, transport.n_answered_in_c
+            seq = core._next_seq
+            for i in range(50):
+                data = bytes([i]) * (i * 30)  # (requests up to _SMALL go inline)
+                reply = await stub.echo(data=data)
+                assert reply is not None and bytes(reply.data) == data
+            assert transport.n_inline_calls - calls == 50
+            # (a response slower than busy_spin takes the poller's loop: allow a few)
+            assert transport.n_answered_in_c - answered >= 40
+            assert core._next_seq == seq + 50 and core.outstanding_calls() == 0
+            # the first datagram of a fragmented response is handed back to the core
+            reply = await stub.fill(size=300_000)
+            assert reply is not None and bytes(reply.data) == bytes(300_000)
+            with pytest.raises(rpcfast.RemoteError):
+                await stub.fail(code=3, message="no")
+            assert await stub.sleep(seconds=0.01) is None  # outlives the spin
+            with trio.move_on_after(0.005) as scope:  # cancelled while it waits
+                await stub.sleep(seconds=1.0)
+            assert scope.cancelled_caught
+            for _ in range(5):
+                assert await stub.ping() is None
+            assert core.outstanding_calls() == 0 and core.inline_view is None
+            assert not transport._calls and not transport._polled
+            stats = core.stats
+            assert stats.calls_cancelled == 1 and stats.calls_failed == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
