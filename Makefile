@@ -10,7 +10,7 @@ venv: $(VENV)/.installed
 # The install compiles these with mypyc into extension modules beside them, which Python imports
 # instead, and builds the hand-written C ones: an edit must rebuild them (rpcfast/_compiled.py
 # lists both; import refuses stale ones).
-C_SOURCES := rpcfast/transports/_sockops.c
+C_SOURCES := rpcfast/transports/_sockops.c rpcfast/_header.c
 HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py rpcfast/dispatch/_poller.py rpcfast/_router.py rpcfast/_fastcall.py
 
 $(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH) $(C_SOURCES)

@@ -28,9 +28,10 @@ HOT_PATH: Final = (
 )
 """Sources compiled with mypyc, relative to the project root."""
 
-C_SOURCES: Final = ("rpcfast/transports/_sockops.c",)
+C_SOURCES: Final = ("rpcfast/transports/_sockops.c", "rpcfast/_header.c")
 """Hand-written C extension modules, built beside the compiled hot path (and only with it: a pure
-Python build uses ``rpcfast/transports/_sockops_py.py``)."""
+Python build uses their equivalents ``rpcfast/transports/_sockops_py.py`` and
+``rpcfast/_header_py.py``)."""
 
 GROUP: Final = "rpcfast._hotpath"
 """mypyc's name for the shared library of the group (``rpcfast/_hotpath__mypyc*.so``)."""

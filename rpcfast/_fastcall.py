@@ -24,7 +24,7 @@ _HEADER_SIZE: Final = _wire.HEADER_SIZE
 _FLAG_TRACE: Final = _wire.FLAG_TRACE
 _TRACE_SIZE: Final = _wire.TRACE.size
 _STATUS_OK: Final = int(Status.OK)
-_unpack_response: Final = _wire.RESPONSE.unpack_from
+_unpack_response: Final = _wire.header.unpack_response
 _STATUS: Final = {int(s): s for s in Status}
 
 
@@ -117,10 +117,9 @@ class Completion:
             return
         payload = call.payload
         assert payload is not None
-        head = _unpack_response(payload)
-        status: int = head[0]
+        status, _, code = _unpack_response(payload)
         if status != _STATUS_OK:
-            self.callback(None, remote_error(payload, status, _HEADER_SIZE, head[2]))
+            self.callback(None, remote_error(payload, status, _HEADER_SIZE, code))
             return
         result = None
         try:
@@ -253,9 +252,7 @@ class Caller:
 
     def decode(self, plan: CallPlan, payload: memoryview) -> Any:
         """The result in a response (or raise its error)."""
-        head = _unpack_response(payload)
-        status: int = head[0]
-        rflags: int = head[1]
+        status, rflags, code = _unpack_response(payload)
         if not rflags and status == _STATUS_OK:
             if len(payload) == _HEADER_SIZE and plan.results_empty:
                 return None  # what an empty result struct decodes to, without the call
@@ -264,5 +261,5 @@ class Caller:
         if rflags & _FLAG_TRACE:  # (a traced reply to an untraced call: skip the stamps)
             offset += _TRACE_SIZE
         if status != _STATUS_OK:
-            raise remote_error(payload, status, offset, head[2])
+            raise remote_error(payload, status, offset, code)
         return decode_with(plan.fast_decode, plan.decode, payload[offset:])

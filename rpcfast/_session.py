@@ -76,6 +76,7 @@ import attr
 import attrs
 
 from rpcfast._types import Buffer
+from rpcfast._wire import header as _header
 
 __all__ = [
     "EV_ABORTED",
@@ -131,6 +132,9 @@ _TAIL_NO_ACK: Final = (1 << 48) - 1  # offset and frag: zero in an ALL_DATA data
 
 # compiled code looks a builtin up by name at every use, a Final module constant only once
 _memoryview: Final = memoryview
+# _FAST's pack (with the payload after it) and unpack_from, for bytes datagrams
+_pack_whole: Final = _header.pack_whole
+_unpack_head: Final = _header.unpack_head
 
 _REASON_TOO_LARGE: Final = 1
 _REASONS: Final = {_REASON_TOO_LARGE: "refused by server: message too large"}
@@ -627,7 +631,7 @@ class SessionCore:
                 ack = 0
             cid = self.client_id
             calls[seq] = _ClientRpc(peer, cid, seq, (small,), len(small), now)
-            datagram = _FAST.pack(_REQUEST_HEAD, len(small), cid, seq, ack << 48) + small
+            datagram = _pack_whole(_REQUEST_HEAD, cid, seq, ack << 48, small)
             send_now = self.send_now
             if send_now is None or self.outbox or not send_now(peer, datagram):
                 self.outbox.append((peer, (datagram,)))
@@ -705,7 +709,7 @@ class SessionCore:
         self._inline_seq = seq
         self.inline_view = None
         self.inline_error = None
-        return _FAST.pack(_REQUEST_HEAD, len(small), self.client_id, seq, ack << 48) + small
+        return _pack_whole(_REQUEST_HEAD, self.client_id, seq, ack << 48, small)
 
     def track_inline(self, peer: Addr, small: bytes, now: float) -> int:
         """The inline call's record (after its datagram left: it is off the round trip's
@@ -790,7 +794,7 @@ class SessionCore:
         if total <= self._frag and small is not None:
             # the common case: the datagram leaves first, the bookkeeping follows (off the
             # round trip's critical path)
-            datagram = _FAST.pack(_RESPONSE_HEAD, total, rpc.cid, seq, 0) + small
+            datagram = _pack_whole(_RESPONSE_HEAD, rpc.cid, seq, 0, small)
             send_now = self.send_now
             if send_now is None or self.outbox or not send_now(rpc.peer, datagram):
                 self.outbox.append((rpc.peer, (datagram,)))
@@ -831,7 +835,7 @@ class SessionCore:
                 cid: int
                 seq: int
                 tail: int
-                head, length, cid, seq, tail = _FAST.unpack_from(datagram)
+                head, length, cid, seq, tail = _unpack_head(datagram)
                 if length == size - HEADER_SIZE:
                     if head == _REQUEST_HEAD and not tail & _TAIL_NO_ACK:
                         return self._request_whole(datagram, peer, cid, seq, tail >> 48, now)

@@ -13,6 +13,23 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+try:  # the headers read in C (built with the compiled hot path), else through struct
+    from rpcfast import _header as header  # (re-exported: the compiled modules read it)
+except ImportError:  # pragma: no cover - pure Python installs
+    from rpcfast import _header_py as header  # type: ignore[no-redef]
+
+__all__ = [
+    "FLAG_TRACE",
+    "HEADER_SIZE",
+    "REQUEST",
+    "RESPONSE",
+    "TRACE",
+    "MalformedMessage",
+    "header",
+    "parse_request_untrusted",
+    "parse_response_untrusted",
+]
+
 REQUEST: Final = struct.Struct("<IHH")
 RESPONSE: Final = struct.Struct("<HHI")
 TRACE: Final = struct.Struct("<QQQQ")
