@@ -131,6 +131,40 @@ unpack_head(PyObject *module, PyObject *datagram)
     return result;
 }
 
+PyDoc_STRVAR(payload_view_doc,
+             "payload_view(datagram) -> memoryview\n\n"
+             "``memoryview(datagram)[32:]`` in one step: the payload after the header, uncopied.");
+
+static PyObject *
+payload_view(PyObject *module, PyObject *datagram)
+{
+    if (!PyBytes_CheckExact(datagram)) {
+        PyErr_SetString(PyExc_TypeError, "payload_view: datagram must be bytes");
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(datagram) < HEADER_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "payload_view: datagram shorter than a header");
+        return NULL;
+    }
+    PyObject *view = PyMemoryView_FromObject(datagram);
+    if (view == NULL) {
+        return NULL;
+    }
+    /* what slicing does to a new view's own buffer description (a 1-D view of unsigned bytes:
+     * shape and strides point into the view object itself), without the slice object and the
+     * second view: nothing else has seen this view yet */
+    Py_buffer *buffer = PyMemoryView_GET_BUFFER(view);
+    if (buffer->ndim != 1 || buffer->itemsize != 1 || buffer->shape == NULL) {
+        Py_DECREF(view);
+        PyErr_SetString(PyExc_SystemError, "payload_view: unexpected memoryview layout");
+        return NULL;
+    }
+    buffer->buf = (char *)buffer->buf + HEADER_SIZE;
+    buffer->len -= HEADER_SIZE;
+    buffer->shape[0] -= HEADER_SIZE;
+    return view;
+}
+
 /* The first 8 bytes of ``obj`` (any buffer), for the RPC header (rpcfast._wire). */
 static int
 rpc_head(PyObject *obj, const char *what, unsigned char out[8])
@@ -207,6 +241,7 @@ unpack_response(PyObject *module, PyObject *message)
 }
 
 static PyMethodDef header_methods[] = {
+    {"payload_view", (PyCFunction)payload_view, METH_O, payload_view_doc},
     {"unpack_request", (PyCFunction)unpack_request, METH_O, unpack_request_doc},
     {"unpack_response", (PyCFunction)unpack_response, METH_O, unpack_response_doc},
     {"pack_whole", (PyCFunction)(void (*)(void))pack_whole, METH_FASTCALL, pack_whole_doc},

@@ -19,6 +19,15 @@ def pack_whole(head: int, client_id: int, sequence: int, tail: int, payload: Buf
     return _WORDS.pack(head, len(memoryview(payload)), client_id, sequence, tail) + payload
 
 
+def payload_view(datagram: bytes) -> memoryview:
+    """``memoryview(datagram)[32:]``: the payload after the header, uncopied."""
+    if type(datagram) is not bytes:
+        raise TypeError("payload_view: datagram must be bytes")
+    if len(datagram) < HEADER_SIZE:
+        raise ValueError("payload_view: datagram shorter than a header")
+    return memoryview(datagram)[HEADER_SIZE:]
+
+
 def unpack_head(datagram: bytes) -> tuple[int, int, int, int, int]:
     """The header's five words (head, length, client id, sequence, tail)."""
     if type(datagram) is not bytes:

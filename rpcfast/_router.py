@@ -157,6 +157,10 @@ class Router:
             response = traced(response, recv_ns, start_ns)
         transport.reply(token, response)
 
+    def request_target(self, transport: Any) -> RequestTarget:
+        """What a session core calls with each request of ``transport`` (see RequestTarget)."""
+        return RequestTarget(self, transport)
+
     def on_aborted(self, transport: Any, token: Any) -> None:
         hook = self.aborted_hook
         if hook is not None:
@@ -187,6 +191,18 @@ class Router:
             return error_response(Status.MALFORMED_REQUEST, f"{name}: {exc}")
         log.exception("handler %s failed", name, exc_info=exc)
         return error_response(Status.INTERNAL_ERROR, f"{name}: {type(exc).__name__}: {exc}")
+
+
+class RequestTarget:
+    """``partial(router.on_request, transport)``, compiled: the session core's request sink
+    calls the router natively, without a partial object and a bound method between them."""
+
+    def __init__(self, router: Router, transport: Any) -> None:
+        self.router = router
+        self.transport = transport
+
+    def __call__(self, token: Any, message: memoryview) -> None:
+        self.router.on_request(self.transport, token, message)
 
 
 class Deferred:

@@ -135,6 +135,7 @@ _memoryview: Final = memoryview
 # _FAST's pack (with the payload after it) and unpack_from, for bytes datagrams
 _pack_whole: Final = _header.pack_whole
 _unpack_head: Final = _header.unpack_head
+_payload_view: Final = _header.payload_view  # memoryview(datagram)[HEADER_SIZE:]
 
 _REASON_TOO_LARGE: Final = 1
 _REASONS: Final = {_REASON_TOO_LARGE: "refused by server: message too large"}
@@ -426,6 +427,10 @@ class _ServerRpc(_Sender):
     __slots__ = ("inmsg", "last_heard", "owner", "state", "token")
 
     def __init__(self, token: RequestToken, owner: _RemoteClient, state: int, now: float) -> None:
+        self.reset(token, owner, state, now)
+
+    def reset(self, token: RequestToken, owner: _RemoteClient, state: int, now: float) -> None:
+        """(Re)initialise: the core reuses the record of an acknowledged RPC for the next one."""
         self.token = token
         self.owner = owner
         self.state = state
@@ -520,6 +525,7 @@ class SessionCore:
         "_quiet",
         "_retired",
         "_ri",
+        "_spare",
         "_sweep_at",
         "_tick_at",
         "_window",
@@ -580,6 +586,8 @@ class SessionCore:
         # the request delivered last, so its reply (usually the very next call) skips lookups
         self._last_token: RequestToken | None = None
         self._last_rpc: _ServerRpc | None = None
+        # an acknowledged server record, dead, that the next whole request reuses
+        self._spare: _ServerRpc | None = None
         # the client record of the last whole request (a client's requests come in runs, and
         # driver address objects repeat: the C socket calls hand out one tuple per sender)
         self._last_owner: _RemoteClient | None = None
@@ -850,15 +858,13 @@ class SessionCore:
                         if seq == self._lowest:
                             self._lowest = next(iter(calls)) if calls else self._next_seq
                         if seq == self._inline_seq:
-                            self.inline_view = _memoryview(datagram)[HEADER_SIZE:]
+                            self.inline_view = _payload_view(datagram)
                             return True
                         sink = self.response_sink
                         if sink is None:
-                            self.events.append(
-                                (EV_RESPONSE, seq, _memoryview(datagram)[HEADER_SIZE:])
-                            )
+                            self.events.append((EV_RESPONSE, seq, _payload_view(datagram)))
                         else:
-                            sink(seq, _memoryview(datagram)[HEADER_SIZE:])
+                            sink(seq, _payload_view(datagram))
                         return True
         try:
             return self._receive_general(datagram, peer, now)
@@ -1262,14 +1268,24 @@ class SessionCore:
                 self._refuse(peer, cid, seq)
                 return False
         token: RequestToken = (peer, cid, seq)
-        rpc = owner.rpcs[seq] = _ServerRpc(token, owner, _IN_PROGRESS, now)
+        rpc = self._spare
+        if rpc is None:
+            rpc = _ServerRpc(token, owner, _IN_PROGRESS, now)
+        else:
+            self._spare = None
+            rpc.reset(token, owner, _IN_PROGRESS, now)
+        owner.rpcs[seq] = rpc
         self._last_token = token
         self._last_rpc = rpc
+        if type(datagram) is bytes:
+            payload = _payload_view(datagram)
+        else:  # (from _receive_general: a view of a bytearray)
+            payload = _memoryview(datagram)[HEADER_SIZE:]
         sink = self.request_sink
         if sink is None:
-            self.events.append((EV_REQUEST, token, _memoryview(datagram)[HEADER_SIZE:]))
+            self.events.append((EV_REQUEST, token, payload))
         else:
-            sink(token, _memoryview(datagram)[HEADER_SIZE:])
+            sink(token, payload)
         # the acknowledgement, after the handler (a fast one has replied by now: freeing what
         # the client no longer needs is off the round trip's critical path), and after the
         # insert above, so the client record never looks idle
@@ -1286,6 +1302,9 @@ class SessionCore:
                 prev.views = ()
                 del self._linger[prev]
                 del rpcs[floor - 1]
+                # nothing else refers to it (the core hands out tokens, never records): the
+                # next request takes it over instead of a new one (an allocation, a teardown)
+                self._spare = prev
             else:
                 self._advance_floor(owner, floor, now)
         return True

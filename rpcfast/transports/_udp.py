@@ -311,7 +311,13 @@ class UdpTransport(Transport):
         self._sink = sink
         core: SessionCore | None = getattr(self, "core", None)  # None while __init__ runs
         if core is not None:
-            core.request_sink = None if sink is None else partial(sink.on_request, self)
+            if sink is None:
+                core.request_sink = None
+            else:  # a router's compiled target, else the sink's method bound to us
+                target = getattr(sink, "request_target", None)
+                core.request_sink = (
+                    partial(sink.on_request, self) if target is None else target(self)
+                )
 
     def _rearm(self) -> None:
         """The core armed a timer: make sure the dispatcher runs ours by then."""

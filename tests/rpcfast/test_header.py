@@ -89,3 +89,30 @@ def struct_error() -> type[Exception]:
     import struct
 
     return struct.error
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=50, deadline=None)
+@given(payload=st.binary(max_size=2000))
+def test_payload_view_is_the_datagram_after_its_header(impl: Any, payload: bytes) -> None:
+    datagram = bytes(range(32)) + payload
+    view = impl.payload_view(datagram)
+    expected = memoryview(datagram)[32:]
+    assert view == expected and view.tobytes() == payload and len(view) == len(payload)
+    assert view.readonly and view.obj is datagram and view.format == "B"
+    assert view.nbytes == len(payload) and view.shape == (len(payload),)
+    assert bytes(view[1:5]) == payload[1:5] and bytes(view[::-1]) == payload[::-1]
+    if len(payload) >= 8:
+        assert view[:8].cast("Q")[0] == int.from_bytes(payload[:8], "little")
+    del datagram  # the view keeps it alive
+    assert view.tobytes() == payload
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_payload_view_refuses_what_it_cannot_view(impl: Any) -> None:
+    with pytest.raises(ValueError):
+        impl.payload_view(bytes(31))
+    for other in (bytearray(40), memoryview(bytes(40))):
+        with pytest.raises(TypeError):
+            impl.payload_view(other)
+    assert impl.payload_view(bytes(32)) == b""

@@ -554,6 +554,33 @@ def test_acknowledged_requests_are_not_run_again_when_a_copy_arrives_late(size: 
     assert server.partial_requests() == 0
 
 
+def test_acknowledged_records_are_reused_and_late_copies_still_refused() -> None:
+    """The record of an acknowledged request becomes the next request's: a late copy of any
+    earlier request is still stale, and a copy of the current one gets its own response."""
+    config = SessionConfig()
+    link = Link()
+    client, heard, server, app = pair(link, config)
+    requests: list[bytes] = []
+    records: list[Any] = []  # (held: a freed record's address could be handed out again)
+    for i in range(20):
+        rpc_id = client.call("S", [b"call %d" % i], link.now)
+        done = functools.partial(heard.responses.__contains__, rpc_id)
+        link.run_until(done, max_time=link.now + 1.0)
+        requests.append(next(d for src, _, d in reversed(link.sent) if src == "C"))
+        (owner,) = server._clients.values()
+        records.extend(owner.rpcs.values())
+    assert server.stats.responses_acked == 19 and server.kept_responses() == 1
+    assert len({id(rpc) for rpc in records}) <= 2  # the same two records, turn about
+    link.advance(link.now + config.resend_interval)
+    for old in requests[:-1]:
+        link.inject("C", "S", old)
+    assert server.stats.duplicates == 19 and server.stats.retransmitted_bytes == 0
+    link.inject("C", "S", requests[-1])  # the current one: its kept response again
+    assert server.stats.retransmitted_bytes == len(b"call 19")
+    assert sorted(app.requests.values()) == [1] * 20
+    assert heard.responses == {i + 1: b"call %d" % i for i in range(20)}
+
+
 def test_kept_responses_expire_after_response_keep_and_not_before() -> None:
     config = SessionConfig(response_keep=2.0, abort_after=1.0)
     link = Link()

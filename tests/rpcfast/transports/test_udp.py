@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import socket
+from typing import Any
 
 import pytest
 import trio
@@ -201,3 +202,32 @@ async def test_a_client_with_nothing_else_to_poll_takes_responses_in_c() -> None
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+async def test_requests_reach_a_router_through_its_compiled_target_and_others_by_method() -> None:
+    from rpcfast._router import RequestTarget
+
+    async with rpcfast.serve([EchoService()], ["udp://127.0.0.1:0"]) as srv:
+        server_transport = srv.transports[0]
+        assert isinstance(server_transport, UdpTransport)
+        target = server_transport.core.request_sink
+        assert isinstance(target, RequestTarget) and target.transport is server_transport
+        async with rpcfast.connect(srv.addresses[0], timeout=5) as conn:
+            assert await conn.stub(echo_capnp.Echo).echo(data=b"via target") is not None
+
+            class Counting:  # any sink with on_request/on_aborted: its method, bound
+                def __init__(self, inner: Any) -> None:
+                    self.inner, self.seen = inner, 0
+
+                def on_request(self, transport: Any, token: Any, message: memoryview) -> None:
+                    self.seen += 1
+                    self.inner.on_request(transport, token, message)
+
+                def on_aborted(self, transport: Any, token: Any) -> None:
+                    self.inner.on_aborted(transport, token)
+
+            counting = Counting(server_transport.sink)
+            server_transport.sink = counting
+            reply = await conn.stub(echo_capnp.Echo).echo(data=b"via method")
+            assert reply is not None and bytes(reply.data) == b"via method"
+            assert counting.seen == 1
