@@ -735,12 +735,12 @@ class SessionCore:
             self.deadline_moved = True
         return seq
 
-    def answered_inline(self, payload: bytes) -> None:
+    def answered_inline(self, payload: memoryview) -> None:
         """The inline call's response arrived before :meth:`track_inline` (the caller received
         it right after sending: ``SockOps.call_whole``): the call is over, without a record.
         ``payload`` becomes ``inline_view``; end the call with :meth:`end_inline`."""
         self._next_seq = self._inline_seq + 1
-        self.inline_view = _memoryview(payload)
+        self.inline_view = payload
         self._retired = None
         stats = self.stats
         stats.datagrams_out += 1

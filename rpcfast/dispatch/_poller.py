@@ -245,7 +245,8 @@ class Poller:
                 return FAILED
             self.n_polls += 1
             self.idle_since = math.inf  # a caller's inline spin starts a new idle run
-            now = _clock()
+            # an empty poll took no time worth a second clock read (~0.2 us): reuse its own
+            now = _clock() if worked else self.last_poll
             budget = spin_budget
             if worked:
                 self.last_work = now

@@ -201,6 +201,7 @@ typedef struct {
     PyObject_HEAD
     int fd;
     int large; /* the last datagram received was over SMALL_DATAGRAM bytes */
+    Py_ssize_t errors; /* send errors that send_now counted instead of raising */
     PyObject *sock;
 } SockOps;
 
@@ -403,10 +404,10 @@ monotonic_now(void)
 
 PyDoc_STRVAR(
     call_whole_doc,
-    "call_whole(datagram, until) -> bytes | tuple[bytes] | bool | None\n\n"
+    "call_whole(datagram, until) -> memoryview | tuple[bytes] | bool | None\n\n"
     "Send a whole one-datagram request (the session core's ALL_DATA format) on a connected "
     "socket, then poll the socket until ``until`` (time.perf_counter seconds) for its response. "
-    "Returns the response's payload (bytes) when the first datagram to arrive is its whole "
+    "Returns a view of the response's payload when the first datagram to arrive is its whole "
     "first transmission; ``(datagram,)`` when another datagram arrived first (the caller feeds "
     "it to the session core); None when nothing arrived in time or the receive failed (the "
     "core's timers recover); False, with nothing sent, when the socket buffer is full. A send "
@@ -453,7 +454,14 @@ SockOps_call_whole(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
             /* the same client id and sequence: bytes 8-24 of the request */
             if (head == RESPONSE_HEAD && length == (uint64_t)(got - HEADER_SIZE) && tail == 0 &&
                 memcmp(scratch + 8, request + 8, 16) == 0) {
-                return PyBytes_FromStringAndSize(scratch + HEADER_SIZE, got - HEADER_SIZE);
+                PyObject *payload =
+                    PyBytes_FromStringAndSize(scratch + HEADER_SIZE, got - HEADER_SIZE);
+                if (payload == NULL) {
+                    return NULL;
+                }
+                PyObject *view = PyMemoryView_FromObject(payload);
+                Py_DECREF(payload);
+                return view;
             }
         }
         PyObject *data = PyBytes_FromStringAndSize(scratch, got);
@@ -468,6 +476,29 @@ SockOps_call_whole(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
         PyTuple_SET_ITEM(result, 0, data);
         return result;
     }
+}
+
+PyDoc_STRVAR(send_now_doc,
+             "send_now(address, data) -> bool\n\n"
+             "``sendto(data, address)`` for the session core's ``send_now``: False when the "
+             "socket buffer is full; other send errors (an unreachable peer) are counted in "
+             "``errors`` and reported as sent, since the core recovers from a lost datagram.");
+
+static PyObject *
+SockOps_send_now(SockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send_now(address, data)");
+        return NULL;
+    }
+    PyObject *swapped[2] = {args[1], args[0]};
+    PyObject *sent = SockOps_sendto(self, swapped, 2);
+    if (sent == NULL && PyErr_ExceptionMatches(PyExc_OSError)) {
+        PyErr_Clear();
+        self->errors++;
+        Py_RETURN_TRUE;
+    }
+    return sent;
 }
 
 PyDoc_STRVAR(close_doc, "close() -> None\n\n"
@@ -489,6 +520,7 @@ static PyMethodDef SockOps_methods[] = {
     {"recvfrom", (PyCFunction)(void (*)(void))SockOps_recvfrom, METH_FASTCALL, recvfrom_doc},
     {"send", (PyCFunction)(void (*)(void))SockOps_send, METH_FASTCALL, send_doc},
     {"sendto", (PyCFunction)(void (*)(void))SockOps_sendto, METH_FASTCALL, sendto_doc},
+    {"send_now", (PyCFunction)(void (*)(void))SockOps_send_now, METH_FASTCALL, send_now_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -510,6 +542,7 @@ SockOps_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->fd = fd;
     self->large = 0;
+    self->errors = 0;
     Py_INCREF(sock);
     self->sock = sock;
     return (PyObject *)self;
@@ -540,6 +573,8 @@ SockOps_dealloc(SockOps *self)
 static PyMemberDef SockOps_members[] = {
     {"sock", T_OBJECT_EX, offsetof(SockOps, sock), READONLY, "the socket"},
     {"fd", T_INT, offsetof(SockOps, fd), READONLY, "its file descriptor"},
+    {"errors", T_PYSSIZET, offsetof(SockOps, errors), READONLY,
+     "send errors send_now counted instead of raising"},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -25,11 +25,12 @@ _TAIL: Final = struct.Struct("<Q")
 class SockOps:
     """Non-blocking calls on one datagram socket (kept open by its owner)."""
 
-    __slots__ = ("_recv", "_recvfrom", "_send", "_sendto", "fd", "sock")
+    __slots__ = ("_recv", "_recvfrom", "_send", "_sendto", "errors", "fd", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.errors = 0  # send errors that send_now counted instead of raising
         self._recv = sock.recv
         self._recvfrom = sock.recvfrom
         self._send = sock.send
@@ -61,9 +62,21 @@ class SockOps:
             return False
         return True
 
-    def call_whole(self, datagram: bytes, until: float, /) -> bytes | tuple[bytes] | bool | None:
+    def send_now(self, address: Any, data: Buffer, /) -> bool:
+        """``sendto(data, address)``, but other send errors are counted in ``errors`` and
+        reported as sent (the session core recovers from a lost datagram)."""
+        try:
+            return self.sendto(data, address)
+        except OSError:
+            self.errors += 1
+            return True
+
+    def call_whole(
+        self, datagram: bytes, until: float, /
+    ) -> memoryview | tuple[bytes] | bool | None:
         """Send a whole one-datagram request (the session core's ALL_DATA format), then poll
-        for its response until ``until`` (``time.perf_counter``): its payload, ``(datagram,)``
+        for its response until ``until`` (``time.perf_counter``): a view of its payload,
+        ``(datagram,)``
         for another datagram that came first, None for nothing in time (or a failed receive),
         False when the socket buffer is full (nothing sent)."""
         if len(datagram) < HEADER_SIZE:
@@ -88,7 +101,7 @@ class SockOps:
                     and _TAIL.unpack_from(data, 24)[0] == 0
                     and data[8:24] == datagram[8:24]
                 ):
-                    return data[HEADER_SIZE:]
+                    return memoryview(data)[HEADER_SIZE:]
             return (data,)
 
     def close(self) -> None:

@@ -160,7 +160,8 @@ class UdpTransport(Transport):
         self.config = config
         self.core = core = SessionCore(config)
         core.response_sink = self._on_response
-        core.send_now = self._send_now
+        # a server's datagrams go straight to the C call (no channels to choose from)
+        core.send_now = self._send_now if client_only else ops.send_now
         self.sink = self._sink
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
@@ -169,7 +170,13 @@ class UdpTransport(Transport):
         self._peers: dict[str, Any] = {}
         self._closed = False
         self._now = 0.0  # the current poll's time while it delivers events, else 0
-        self.send_errors = 0
+        self._send_errors = 0
+
+    @property
+    def send_errors(self) -> int:
+        """Datagrams that failed to send (e.g. to an unreachable peer), left to the core's
+        retransmission."""
+        return self._send_errors + self._ops.errors
 
     @classmethod
     def open(cls, dispatcher: Dispatcher, where: str) -> UdpTransport:
@@ -373,7 +380,7 @@ class UdpTransport(Transport):
             except (BlockingIOError, InterruptedError):
                 sent = False
             except OSError as exc:  # unreachable peer, message too long: the core resends or aborts
-                self.send_errors += 1
+                self._send_errors += 1
                 log.debug("udp send to %s failed: %s", addr, exc)
                 continue
             if not sent:
@@ -389,7 +396,7 @@ class UdpTransport(Transport):
                 return chan.send(datagram)
             return self._sendto(datagram, addr)
         except OSError as exc:  # unreachable peer: as in _flush, the core resends or aborts
-            self.send_errors += 1
+            self._send_errors += 1
             log.debug("udp send to %s failed: %s", addr, exc)
         return True
 
@@ -466,7 +473,7 @@ class UdpTransport(Transport):
         datagram = core.call_inline(small)
         if datagram is None:
             return False
-        got: bytes | tuple[bytes] | bool | None = None
+        got: memoryview | tuple[bytes] | bool | None = None
         try:
             if poll_until:
                 got = chan.call_whole(datagram, poll_until)
@@ -477,10 +484,10 @@ class UdpTransport(Transport):
                 core.end_inline()
                 return False
         except OSError as exc:  # unreachable peer: as in _flush, the core resends or aborts
-            self.send_errors += 1
+            self._send_errors += 1
             log.debug("udp send to %s failed: %s", addr, exc)
         self.n_inline_calls += 1
-        if type(got) is bytes:
+        if type(got) is memoryview:
             core.answered_inline(got)
             self.n_answered_in_c += 1
             return True

@@ -1011,7 +1011,7 @@ def test_inline_call_answered_before_it_is_tracked_leaves_no_record() -> None:
             _, parts = server.outbox.popleft()
             response = b"".join(parts)
             assert response[:8] == _FAST.pack(_RESPONSE_HEAD, len(response) - 32, 0, 0, 0)[:8]
-            client.answered_inline(response[HEADER_SIZE:])
+            client.answered_inline(memoryview(response)[HEADER_SIZE:])
         assert client.outstanding_calls() == 0 and client.next_deadline() is None
         assert bytes(client.end_inline() or b"") == b"quick %d" % i
     # the next calls take the following sequence numbers and acknowledge the answered ones

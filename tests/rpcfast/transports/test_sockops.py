@@ -353,3 +353,22 @@ def test_call_whole_reports_a_full_buffer_and_errors(impl: Any, pair: Any) -> No
     ops.close()
     with pytest.raises(OSError):
         ops.call_whole(_request(1, 3, b""), time.perf_counter())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_send_now_counts_send_errors_instead_of_raising(impl: Any, pair: Any) -> None:
+    a, b = pair
+    ops = impl(a)
+    assert ops.errors == 0
+    assert ops.send_now(b.getsockname(), b"hello") is True  # (address, data): the core's order
+    wait_readable(b)
+    assert b.recv(100) == b"hello"
+    assert ops.send_now(b.getsockname(), bytes(70_000)) is True  # EMSGSIZE: over a datagram
+    assert ops.errors == 1
+    closed = b.getsockname()
+    with pytest.raises((TypeError, ValueError)):  # a bad address is a bug, not a lost datagram
+        ops.send_now("not an address", b"x")
+    ops.close()
+    before = ops.errors
+    assert ops.send_now(closed, b"after close") is True
+    assert ops.errors == before + 1
