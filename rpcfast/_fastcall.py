@@ -175,7 +175,8 @@ class Caller:
             # an oversubscribed machine and runs timers)
             poller = self.poller
             c_until = 0.0
-            if len(poller.polls) == 1:
+            transports = poller.transports
+            if len(transports) == 1 and transports[0] is udp:
                 c_until = start + poller.busy_spin
                 if c_until > spin_until:
                     c_until = spin_until
