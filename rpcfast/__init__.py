@@ -7,6 +7,7 @@ in-process endpoints, and call it with ``await``. See README.md.
 from rpcfast import _compiled  # first: refuses to import stale compiled modules
 from rpcfast._client import Connection, Stub, connect
 from rpcfast._errors import (
+    MalformedResponse,
     PeerDead,
     RemoteError,
     RpcError,
@@ -29,6 +30,7 @@ __all__ = [
     "Connection",
     "Deferred",
     "DispatchConfig",
+    "MalformedResponse",
     "PeerDead",
     "RemoteError",
     "RpcError",

@@ -23,8 +23,8 @@ import attrs
 import trio
 
 from rpcfast import _wire
-from rpcfast._errors import RemoteError, RpcTimeout, Status
-from rpcfast._fastcall import Caller, CallPlan
+from rpcfast._errors import MalformedResponse, RemoteError, RpcTimeout, Status
+from rpcfast._fastcall import _MALFORMED, Caller, CallPlan, short_response
 from rpcfast._pending import PendingCall
 from rpcfast._schema import Body, CustomCodec, InterfaceSpec, MethodSpec, interface_spec
 from rpcfast._trace import TimeTrace
@@ -67,6 +67,15 @@ def _run_context() -> Any:
 
 
 _RUN_CONTEXT = _run_context()
+
+def _read(method: MethodSpec, body: memoryview) -> Body | None:
+    """``method``'s results in a response body (the traced path's ``read_results``)."""
+    try:
+        result: Body | None = method.results.decode(body)
+    except _MALFORMED as exc:
+        raise MalformedResponse(f"undecodable results: {exc}") from exc
+    return result
+
 
 Encoder = Callable[[Any], list[Buffer]]
 """A hand-written params encoder (``Connection.stub(codecs=...)``)."""
@@ -186,13 +195,17 @@ class Connection:
             raise pending.error
         payload = pending.payload
         assert payload is not None
+        if len(payload) < _HEADER_SIZE:
+            raise short_response(payload)
         status, rflags, code = _unpack_response(payload)
         if not rflags and status == _STATUS_OK:
             if len(payload) == _HEADER_SIZE and method.results.empty:
                 return None  # what an empty result struct decodes to, without the call
-            return method.results.decode(payload[_HEADER_SIZE:])
+            return _read(method, payload[_HEADER_SIZE:])
         offset = _HEADER_SIZE
         if rflags & _FLAG_TRACE:
+            if len(payload) < offset + _TRACE.size:
+                raise short_response(payload)
             stamps = _TRACE.unpack_from(payload, offset)
             offset += _TRACE.size
             if trace is not None:
@@ -200,7 +213,7 @@ class Connection:
         if status != _STATUS_OK:
             message_text = bytes(payload[offset:]).decode("utf-8", "replace")
             raise RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message_text, code)
-        return method.results.decode(payload[offset:])
+        return _read(method, payload[offset:])
 
     _last_sent_ns = 0
     _last_recv_ns = 0

@@ -1,7 +1,8 @@
 """The error vocabulary of rpcfast.
 
 A small, exact set: a call either failed remotely (the server answered with a non-OK status),
-timed out (the caller's deadline passed), or the peer went silent (the transport gave up).
+timed out (the caller's deadline passed), the peer went silent (the transport gave up), or its
+response could not be read.
 OS errors are translated once, at the transport boundary.
 """
 
@@ -47,6 +48,11 @@ class RpcTimeout(RpcError):
 
 class PeerDead(RpcError):
     """The transport heard nothing from the peer for its abort interval (or could not reach it)."""
+
+
+class MalformedResponse(RpcError):
+    """The server's response could not be read: shorter than its header, or results that the
+    method's codec rejects (a server speaking another schema, or a broken one)."""
 
 
 class ServiceError(Exception):

@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+import capnp  # type: ignore[import-untyped,unused-ignore]
+
 from rpcfast import _wire
 from rpcfast._capnp_fast import NeedsFallback, Unsupported
-from rpcfast._errors import RemoteError, Status
+from rpcfast._errors import MalformedResponse, RemoteError, Status
 from rpcfast._pending import PendingCall
 from rpcfast.dispatch._poller import Poller
 from rpcfast.transports._udp import UdpTransport
@@ -26,6 +28,7 @@ _TRACE_SIZE: Final = _wire.TRACE.size
 _STATUS_OK: Final = int(Status.OK)
 _unpack_response: Final = _wire.header.unpack_response
 _STATUS: Final = {int(s): s for s in Status}
+_MALFORMED: Final = (capnp.KjException, _wire.MalformedMessage)
 
 
 class CallPlan:
@@ -97,6 +100,18 @@ def fast_entry(codec: Any, custom: str, name: str) -> Any:
     return None if fast is None else getattr(fast, name)
 
 
+def short_response(payload: memoryview) -> MalformedResponse:
+    return MalformedResponse(f"response of {len(payload)} bytes is shorter than its header")
+
+
+def read_results(plan: CallPlan, body: memoryview) -> Any:
+    """The results in a response body; an undecodable one raises MalformedResponse."""
+    try:
+        return decode_with(plan.fast_decode, plan.decode, body)
+    except _MALFORMED as exc:
+        raise MalformedResponse(f"undecodable results: {exc}") from exc
+
+
 def remote_error(payload: memoryview, status: int, offset: int, code: int) -> RemoteError:
     message = bytes(payload[offset:]).decode("utf-8", "replace")
     return RemoteError(_STATUS.get(status, Status.INTERNAL_ERROR), message, code)
@@ -117,14 +132,19 @@ class Completion:
             return
         payload = call.payload
         assert payload is not None
+        if len(payload) < _HEADER_SIZE:
+            self.callback(None, short_response(payload))
+            return
         status, _, code = _unpack_response(payload)
         if status != _STATUS_OK:
             self.callback(None, remote_error(payload, status, _HEADER_SIZE, code))
             return
-        result = None
         try:
-            plan = self.plan
-            result = decode_with(plan.fast_decode, plan.decode, payload[_HEADER_SIZE:])
+            result = read_results(self.plan, payload[_HEADER_SIZE:])
+        except MalformedResponse as exc:
+            self.callback(None, exc)
+            return
+        try:
             self.callback(result, None)
         finally:
             if result is not None and type(result) is not tuple:  # (custom decoders' tuples)
@@ -253,14 +273,16 @@ class Caller:
 
     def decode(self, plan: CallPlan, payload: memoryview) -> Any:
         """The result in a response (or raise its error)."""
+        if len(payload) < _HEADER_SIZE:
+            raise short_response(payload)
         status, rflags, code = _unpack_response(payload)
         if not rflags and status == _STATUS_OK:
             if len(payload) == _HEADER_SIZE and plan.results_empty:
                 return None  # what an empty result struct decodes to, without the call
-            return decode_with(plan.fast_decode, plan.decode, payload[_HEADER_SIZE:])
+            return read_results(plan, payload[_HEADER_SIZE:])
         offset = _HEADER_SIZE
         if rflags & _FLAG_TRACE:  # (a traced reply to an untraced call: skip the stamps)
             offset += _TRACE_SIZE
         if status != _STATUS_OK:
             raise remote_error(payload, status, offset, code)
-        return decode_with(plan.fast_decode, plan.decode, payload[offset:])
+        return read_results(plan, payload[offset:])

@@ -109,3 +109,30 @@ def test_callback_calls_report_results_and_errors_to_their_callback() -> None:
     assert seen[0] == (b"cb", None)
     assert isinstance(seen[1][1], RemoteError) and seen[1][1].code == 5
     assert isinstance(seen[2][1], PeerDead)
+
+
+GARBLED = [
+    b"abc",  # shorter than the RPC header
+    ok(b"\xff" * 24),  # a segment table asking for 2**32 segments
+    ok(b"\x00\x00\x00\x00\x02\x00\x00\x00" + b"\xfd\xff\xff\xff\x00\x00\x01\x00" + bytes(8)),
+]
+
+
+@pytest.mark.parametrize("response", GARBLED)
+def test_unreadable_responses_raise_malformed_response(response: bytes) -> None:
+    """A response the caller cannot read is a typed RpcError, on every path that reads one."""
+    from rpcfast import MalformedResponse, RpcError
+
+    assert issubclass(MalformedResponse, RpcError)
+    transport = ScriptedTransport([response, response, None])
+    c = caller(transport, timeout=5.0)
+    with pytest.raises(MalformedResponse):
+        c.call(plan(ECHO), {"data": b"x"}, None)
+    seen: list[Exception | None] = []
+    assert c.start(plan(ECHO), {"data": b"x"}, lambda _r, exc: seen.append(exc)).done
+    assert len(seen) == 1 and isinstance(seen[0], MalformedResponse)
+    pending = c.call(plan(ECHO), {"data": b"x"}, None)  # one that finishes after the spin
+    assert type(pending) is PendingCall
+    pending.complete(memoryview(response))
+    with pytest.raises(MalformedResponse):
+        c.finish(plan(ECHO), pending)

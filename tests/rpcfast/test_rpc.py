@@ -178,3 +178,35 @@ async def test_graceful_shutdown_finishes_running_handlers_and_refuses_new() -> 
                 await stub.ping()
             assert info.value.status is rpcfast.Status.SHUTTING_DOWN
     assert results == [None]
+
+
+async def test_unreadable_responses_raise_malformed_response_traced_or_not() -> None:
+    """A UDP "server" that answers every call with an RPC response the caller cannot read."""
+    from rpcfast import _session
+
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    answers = [b"abc", _wire.RESPONSE.pack(0, 0, 0) + b"\xff" * 24]
+
+    async def respond() -> None:
+        n = 0
+        while True:
+            data, addr = await sock.recvfrom(65536)
+            _head, _length, cid, seq, _tail = _session._FAST.unpack_from(data)
+            answer = answers[n % len(answers)]
+            n += 1
+            await sock.sendto(
+                _session._pack_whole(_session._RESPONSE_HEAD, cid, seq, 0, answer), addr
+            )
+
+    host, port = sock.getsockname()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(respond)
+        for trace in (None, rpcfast.TimeTrace()):
+            async with rpcfast.connect(f"udp://{host}:{port}", timeout=5, trace=trace) as conn:
+                stub = conn.stub(echo_capnp.Echo)
+                for _ in answers:
+                    with trio.fail_after(5), pytest.raises(rpcfast.MalformedResponse):
+                        await stub.echo(data=b"x")
+        nursery.cancel_scope.cancel()
+    sock.close()
