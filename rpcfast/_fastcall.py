@@ -29,6 +29,8 @@ _STATUS_OK: Final = int(Status.OK)
 _unpack_response: Final = _wire.header.unpack_response
 _STATUS: Final = {int(s): s for s in Status}
 _MALFORMED: Final = (capnp.KjException, _wire.MalformedMessage)
+_C_POLL_MAX: Final = 0.001
+"""Longest poll in C (``SockOps.call_whole``): it holds the GIL and runs no signal handlers."""
 
 
 class CallPlan:
@@ -191,13 +193,13 @@ class Caller:
             if timeout is not None and start + timeout < spin_until:
                 spin_until = start + timeout
             # with nothing else to poll, the call's socket is polled in C first, for up to
-            # busy_spin (the rest of the spin, if any, takes the poller's loop, which parks on
-            # an oversubscribed machine and runs timers)
+            # busy_spin (at most 1 ms; the rest of the spin, if any, takes the poller's loop,
+            # which parks on an oversubscribed machine and runs timers)
             poller = self.poller
             c_until = 0.0
             transports = poller.transports
             if len(transports) == 1 and transports[0] is udp:
-                c_until = start + poller.busy_spin
+                c_until = start + min(poller.busy_spin, _C_POLL_MAX)
                 if c_until > spin_until:
                     c_until = spin_until
             if udp.call_inline(self.peer, message, start, c_until):
