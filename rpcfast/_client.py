@@ -68,6 +68,7 @@ def _run_context() -> Any:
 
 _RUN_CONTEXT = _run_context()
 
+
 def _read(method: MethodSpec, body: memoryview) -> Body | None:
     """``method``'s results in a response body (the traced path's ``read_results``)."""
     try:
