@@ -187,15 +187,15 @@ class Caller:
         if timeout is None:
             timeout = self.timeout
         start = _clock()
+        spin_until = start + self.call_spin
+        if timeout is not None and start + timeout < spin_until:
+            spin_until = start + timeout
+        poller = self.poller
         udp = self.udp
         if udp is not None:
-            spin_until = start + self.call_spin
-            if timeout is not None and start + timeout < spin_until:
-                spin_until = start + timeout
             # with nothing else to poll, the call's socket is polled in C first, for up to
             # busy_spin (at most 1 ms; the rest of the spin, if any, takes the poller's loop,
             # which parks on an oversubscribed machine and runs timers)
-            poller = self.poller
             c_until = 0.0
             transports = poller.transports
             if len(transports) == 1 and transports[0] is udp:
@@ -208,10 +208,6 @@ class Caller:
         pending.started = start
         self.transport.call(self.peer, message, pending)
         if not pending.done:
-            spin_until = start + self.call_spin
-            if timeout is not None and start + timeout < spin_until:
-                spin_until = start + timeout
-            poller = self.poller
             while True:
                 poller.poll_once()
                 if pending.done or _clock() > spin_until:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 import time
 from typing import Any, Final
 
+from rpcfast._header_py import HEADER_SIZE, unpack_head
 from rpcfast._types import Buffer
 
-HEADER_SIZE: Final = 32
 RESPONSE_HEAD: Final = 0xB5 | 1 << 8
-_HEAD: Final = struct.Struct("<II")
-_TAIL: Final = struct.Struct("<Q")
 
 
 class SockOps:
@@ -94,12 +91,12 @@ class SockOps:
             except OSError:
                 return None
             if len(data) >= HEADER_SIZE:
-                head, length = _HEAD.unpack_from(data)
+                head, length, cid, seq, tail = unpack_head(data)
                 if (
                     head == RESPONSE_HEAD
                     and length == len(data) - HEADER_SIZE
-                    and _TAIL.unpack_from(data, 24)[0] == 0
-                    and data[8:24] == datagram[8:24]
+                    and tail == 0
+                    and (cid, seq) == unpack_head(datagram)[2:4]
                 ):
                     return memoryview(data)[HEADER_SIZE:]
             return (data,)
