@@ -11,7 +11,9 @@ venv: $(VENV)/.installed
 # instead, and builds the hand-written C ones: an edit must rebuild them (rpcfast/_compiled.py
 # lists both; import refuses stale ones).
 C_SOURCES := rpcfast/transports/_sockops.c rpcfast/_header.c
-HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py rpcfast/dispatch/_poller.py rpcfast/_router.py rpcfast/_fastcall.py
+HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py rpcfast/dispatch/_poller.py rpcfast/_router.py rpcfast/_fastcall.py \
+	services/kvstore/log/_entries.py services/kvstore/log/_segments.py services/kvstore/log/_hashtable.py \
+	services/kvstore/log/_log.py services/kvstore/_objects.py
 
 $(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH) $(C_SOURCES)
 	$(PYTHON) -m venv $(VENV)

@@ -32,9 +32,10 @@ INPLACE_ARGS = {"editable_wheel", "develop", "--inplace", "-i"}
 
 
 def _compiled_constants() -> tuple[list[str], str]:
-    """``HOT_PATH`` and ``GROUP`` from rpcfast/_compiled.py, read without importing rpcfast."""
-    found = _constants("HOT_PATH", "GROUP")
-    return list(found["HOT_PATH"]), str(found["GROUP"])
+    """``HOT_PATH`` + ``ENGINE_PATH`` and ``GROUP`` from rpcfast/_compiled.py, read without
+    importing rpcfast."""
+    found = _constants("HOT_PATH", "ENGINE_PATH", "GROUP")
+    return [*found["HOT_PATH"], *found["ENGINE_PATH"]], str(found["GROUP"])
 
 
 def _c_sources() -> list[str]:

@@ -34,10 +34,11 @@ def load_setup_py() -> ModuleType:
 
 def test_setup_py_and_makefile_compile_the_modules_listed_in_compiled() -> None:
     sources, group = load_setup_py()._compiled_constants()
-    assert tuple(sources) == _compiled.HOT_PATH and group == _compiled.GROUP
-    makefile = (ROOT / "Makefile").read_text()
+    compiled = (*_compiled.HOT_PATH, *_compiled.ENGINE_PATH)
+    assert tuple(sources) == compiled and group == _compiled.GROUP
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")  # join continued lines
     match = re.search(r"^HOT_PATH := (.*)$", makefile, re.MULTILINE)
-    assert match is not None and tuple(match.group(1).split()) == _compiled.HOT_PATH
+    assert match is not None and tuple(match.group(1).split()) == compiled
     assert tuple(load_setup_py()._c_sources()) == _compiled.C_SOURCES
     match = re.search(r"^C_SOURCES := (.*)$", makefile, re.MULTILINE)
     assert match is not None and tuple(match.group(1).split()) == _compiled.C_SOURCES
@@ -45,13 +46,15 @@ def test_setup_py_and_makefile_compile_the_modules_listed_in_compiled() -> None:
 
 
 def test_hot_path_modules_are_sync_so_trio_never_runs_compiled_coroutines() -> None:
-    for relative in _compiled.HOT_PATH:
+    for relative in (*_compiled.HOT_PATH, *_compiled.ENGINE_PATH):
         text = (ROOT / relative).read_text()
         assert "async def" not in text and "await " not in text, relative
 
 
 def test_compiled_flag_says_where_every_hot_path_module_came_from() -> None:
+    engine = [importlib.import_module(_compiled.module_name(r)) for r in _compiled.ENGINE_PATH]
     files = [str(sys.modules[_compiled.module_name(r)].__file__) for r in _compiled.HOT_PATH]
+    files += [str(module.__file__) for module in engine]
     from_extensions = [f.endswith(tuple(EXTENSION_SUFFIXES)) for f in files]
     assert all(from_extensions) == rpcfast.COMPILED
     assert all(from_extensions) or not any(from_extensions), files  # never half compiled

@@ -105,9 +105,13 @@ class NullReplicaSink:
         pass
 
 
-def _positive(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be positive")
+_POSITIVE = (
+    "total_bytes",
+    "segment_size",
+    "seglet_size",
+    "cleaner_bytes_per_step",
+    "max_live_segments_per_pass",
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -131,21 +135,26 @@ class StorageConfig:
     faults.
     """
 
-    total_bytes: int = attrs.field(default=512 * MiB, validator=_positive)
-    segment_size: int = attrs.field(default=8 * MiB, validator=_positive)
-    seglet_size: int = attrs.field(default=64 * KiB, validator=_positive)
+    total_bytes: int = 512 * MiB
+    segment_size: int = 8 * MiB
+    seglet_size: int = 64 * KiB
     cleaner_reserve_segments: int | None = None
     hash_table_bytes: int | None = None
     write_limit: float = 0.95
     disk_expansion_factor: float = 2.0
     compaction_enabled: bool = True
     tombstone_ratio: float = 0.40
-    cleaner_bytes_per_step: int = attrs.field(default=256 * KiB, validator=_positive)
-    max_live_segments_per_pass: int = attrs.field(default=10, validator=_positive)
+    cleaner_bytes_per_step: int = 256 * KiB
+    max_live_segments_per_pass: int = 10
     log_id: int = 0
     prefault_memory: bool = False
 
     def __attrs_post_init__(self) -> None:
+        # (checked here rather than with attrs validators: mypyc compiles this module, and its
+        # native classes take plain defaults only)
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
         if self.segment_size % self.seglet_size:
             raise ValueError("segment_size must be a multiple of seglet_size")
         if self.segment_size > 1 << OFFSET_BITS:
