@@ -39,8 +39,9 @@ def _compiled_constants() -> tuple[list[str], str]:
 
 
 def _c_sources() -> list[str]:
-    """``C_SOURCES`` from rpcfast/_compiled.py."""
-    return list(_constants("C_SOURCES")["C_SOURCES"])
+    """``C_SOURCES`` + ``ENGINE_C_SOURCES`` from rpcfast/_compiled.py."""
+    found = _constants("C_SOURCES", "ENGINE_C_SOURCES")
+    return [*found["C_SOURCES"], *found["ENGINE_C_SOURCES"]]
 
 
 def _constants(*names: str) -> dict[str, Any]:

@@ -8,8 +8,8 @@ An in-place build (``make venv``: an editable install) leaves ``*.so`` files nex
 and Python imports an extension module in preference to its ``.py``: after an edit, the old
 compiled code would run and the edit would silently do nothing. :func:`check_fresh` turns that
 into an ImportError at ``import rpcfast`` (this module is the package's first import).
-``setup.py`` reads :data:`HOT_PATH`, :data:`ENGINE_PATH` and :data:`GROUP` from this file without
-running it.
+``setup.py`` reads :data:`HOT_PATH`, :data:`ENGINE_PATH`, :data:`GROUP` and the C sources from
+this file without running it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ ENGINE_PATH: Final = (
 """The kvstore storage engine's sources compiled in the same group: every read and write runs
 through them. (The cleaner's batches stay interpreted: they spend their time in numpy.)"""
 
+ENGINE_C_SOURCES: Final = ("services/kvstore/log/_encode.c",)
+"""The engine's hand-written C (pure-Python twins in ``services/kvstore/log/_entries.py``)."""
+
 C_SOURCES: Final = ("rpcfast/transports/_sockops.c", "rpcfast/_header.c")
 """Hand-written C extension modules, built beside the compiled hot path (and only with it: a pure
 Python build uses their equivalents ``rpcfast/transports/_sockops_py.py`` and
@@ -67,7 +70,7 @@ def extension_of(source: Path) -> Path | None:
 def stale_extensions(root: Path = ROOT) -> list[tuple[Path, Path]]:
     """(source, extension) pairs whose source was modified after the extension was built."""
     stale = []
-    for relative in (*HOT_PATH, *ENGINE_PATH, *C_SOURCES):
+    for relative in (*HOT_PATH, *ENGINE_PATH, *C_SOURCES, *ENGINE_C_SOURCES):
         source = root / relative
         extension = extension_of(source)
         if extension is not None and source.stat().st_mtime > extension.stat().st_mtime:
@@ -89,7 +92,8 @@ def check_fresh(root: Path = ROOT) -> None:
         raise ImportError(
             f"{names} changed after its compiled extension module was built, and Python would "
             f"import the old compiled code instead: rebuild with `make venv` (an editable "
-            f"install), or delete the *.so files under {root / 'rpcfast'} to run pure Python"
+            f"install), or delete the *.so files under {root / 'rpcfast'} and "
+            f"{root / 'services'} to run pure Python"
         )
 
 

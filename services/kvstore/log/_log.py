@@ -34,9 +34,15 @@ from services.kvstore.log._entries import (
     build_segment_header,
     build_tombstone,
     log_digest_size,
-    write_object_into,
-    write_tombstone_into,
 )
+
+try:  # the request paths' entry encoders in C (built with the compiled engine), else struct's
+    from services.kvstore.log._encode import write_object_into, write_tombstone_into
+except ImportError:
+    from services.kvstore.log._entries import (
+        write_object_into,
+        write_tombstone_into,
+    )
 from services.kvstore.log._segments import (
     IDX_AUX_MASK,
     IDX_NO_HASH,
