@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,3 +168,51 @@ def test_restarted_coordinator_resumes_tables(tmp_path: Path) -> None:
         trio.run(check)
     finally:
         c.stop()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    if not path.exists():
+        pytest.skip("no /proc/PID/task/PID/children here")
+    return [int(p) for p in path.read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited (its parent has not reaped it yet)
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_cluster_command_leaves_no_server_behind(tmp_path: Path, how: int) -> None:
+    """SIGTERM stops `rpcfast-kv cluster` as Ctrl-C does; even SIGKILL takes its children along
+    (their parent-death signal), so no server is left running on its ports."""
+    argv = ["cluster", "--servers", "2", "--replicas", "1", "--dir", str(tmp_path / "kv")]
+    with subprocess.Popen(
+        [sys.executable, "-m", "services.kvstore.cli", *argv], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        children: list[int] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("cluster is up"):
+                    break
+            children = _children(proc.pid)
+            assert len(children) == 3 and all(_alive(p) for p in children)
+            proc.send_signal(how)
+            assert proc.wait(timeout=20) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+            assert _wait_gone(children, 15.0) == []
+        finally:
+            proc.kill()
+            for pid in children:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
