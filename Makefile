@@ -10,7 +10,8 @@ venv: $(VENV)/.installed
 # The install compiles these with mypyc into extension modules beside them, which Python imports
 # instead, and builds the hand-written C ones: an edit must rebuild them (rpcfast/_compiled.py
 # lists both; import refuses stale ones).
-C_SOURCES := rpcfast/transports/_sockops.c rpcfast/_header.c services/kvstore/log/_encode.c
+C_SOURCES := rpcfast/transports/_sockops.c rpcfast/_header.c services/kvstore/log/_encode.c \
+	services/kvstore/log/_relocate.c
 HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py rpcfast/dispatch/_poller.py rpcfast/_router.py rpcfast/_fastcall.py \
 	services/kvstore/log/_entries.py services/kvstore/log/_segments.py services/kvstore/log/_hashtable.py \
 	services/kvstore/log/_log.py services/kvstore/_objects.py

@@ -39,8 +39,9 @@ ENGINE_PATH: Final = (
 """The kvstore storage engine's sources compiled in the same group: every read and write runs
 through them. (The cleaner's batches stay interpreted: they spend their time in numpy.)"""
 
-ENGINE_C_SOURCES: Final = ("services/kvstore/log/_encode.c",)
-"""The engine's hand-written C (pure-Python twins in ``services/kvstore/log/_entries.py``)."""
+ENGINE_C_SOURCES: Final = ("services/kvstore/log/_encode.c", "services/kvstore/log/_relocate.c")
+"""The engine's hand-written C: entry encoders (pure-Python twins in ``_entries.py``) and
+compaction's inner loop (its twin: the cleaner's numpy path)."""
 
 C_SOURCES: Final = ("rpcfast/transports/_sockops.c", "rpcfast/_header.c")
 """Hand-written C extension modules, built beside the compiled hot path (and only with it: a pure

@@ -65,6 +65,11 @@ from services.kvstore.log._segments import (
     copy_runs,
 )
 
+try:  # compaction's inner loop in C (built with the compiled engine), else the numpy path
+    from services.kvstore.log import _relocate
+except ImportError:
+    _relocate = None  # type: ignore[assignment]
+
 MAX_CLEANABLE_MEMORY_UTILIZATION = 98
 MIN_DISK_UTILIZATION = 95
 
@@ -187,6 +192,7 @@ class _Budget:
         return self.units <= 0 or self.timer() >= self.deadline
 
 
+_NO_SEGMENTS = np.empty(0, dtype=np.uint64)
 _OFFSET_SHIFT = np.uint64(IDX_OFFSET_SHIFT)
 _SHIFT = np.uint64(IDX_SHIFT)
 _FLAGS = np.uint64(IDX_FLAGS)
@@ -497,8 +503,7 @@ class LogCleaner:
         if len(tombs):
             # A tombstone is live while its target segment is in the log: one sorted lookup
             # (batches of 1 KB objects carry a tombstone for nearly every object).
-            segments = self._log.segments
-            present = np.sort(np.fromiter(segments, dtype=np.uint64, count=len(segments)))
+            present = self._present_segments()
             targets = e.aux[ids[tombs]]
             at = np.minimum(np.searchsorted(present, targets), len(present) - 1)
             out[tombs[present[at] != targets]] = -2
@@ -663,15 +668,19 @@ class LogCleaner:
                     break
             if end <= first:
                 break
-            ids = np.arange(first, end)
-            slots = self._live(job, ids)
             budget.units -= (
                 COST_BATCH + int((e.size[first:end] >> 3).sum()) + COST_ENTRY * (end - first)
             )
-            job.cursor = end
-            live = slots != -2
-            if live.any():
-                budget.units -= self._compact_batch(job, ids[live], slots[live])
+            if _relocate is not None and not (e.flags[first:end] & IDX_NO_HASH).any():
+                job.cursor = end
+                budget.units -= self._compact_batch_c(job, first, end)
+            else:
+                ids = np.arange(first, end)
+                slots = self._live(job, ids)
+                job.cursor = end
+                live = slots != -2
+                if live.any():
+                    budget.units -= self._compact_batch(job, ids[live], slots[live])
             while job.finished < len(job.targets) and e.ends[job.finished] <= job.cursor:
                 self._finish_one(job)
                 budget.units -= COST_COMMIT_SEGMENT
@@ -700,6 +709,72 @@ class LogCleaner:
         self._seglets_freed += self._log.finish_compaction(job.sources[i], job.targets[i])
         self._segments_compacted += 1
         job.finished += 1
+
+    def _present_segments(self) -> np.ndarray:
+        """Ids of the segments in the log, sorted (a tombstone is live while its target is)."""
+        segments = self._log.segments
+        return np.sort(np.fromiter(segments, dtype=np.uint64, count=len(segments)))
+
+    def _compact_batch_c(self, job: _Compaction, first: int, end: int) -> int:
+        """:meth:`_live` and :meth:`_compact_batch` for entries ``[first, end)`` in one C call
+        (``_relocate.compact_batch``); returns the bytes copied."""
+        assert _relocate is not None
+        e = job.entries
+        sources = job.sources
+        targets = job.targets
+        k = len(targets)
+        if job.bases is None or len(job.bases[2]) != k:
+            job.bases = self._bases_table(sources[:k], targets)
+        bases, src_first, dst_first = job.bases
+        dst_length = np.fromiter((t.length for t in targets), np.int64, k)
+        dst_limit = np.fromiter((t.limit for t in targets), np.int64, k)
+        dst_bits = np.fromiter((t.slot << OFFSET_BITS for t in targets), np.uint64, k)
+        flags = e.flags[first:end]
+        present = self._present_segments() if (flags & IDX_TOMB).any() else _NO_SEGMENTS
+        main, ovf = self._handlers.hash_table.areas()
+        words = np.empty(end - first, dtype=np.uint64)
+        acct = np.zeros(3 * k, dtype=np.int64)
+        try:
+            moved, total = _relocate.compact_batch(
+                self._log.allocator.view,
+                self._log.seglet_size,
+                bases,
+                src_first,
+                dst_first,
+                dst_length,
+                dst_limit,
+                dst_bits,
+                e.src[first:end],
+                e.off[first:end],
+                e.size[first:end],
+                flags,
+                e.aux[first:end],
+                e.ref[first:end],
+                main,
+                ovf,
+                present,
+                words,
+                acct,
+            )
+        except ValueError as exc:  # nothing was moved
+            raise InternalError(f"compaction batch refused: {exc}") from exc
+        pos = 0
+        moved_bytes, tomb_bytes, counts = acct.reshape(k, 3).T.tolist()
+        for g in range(k):
+            count = counts[g]
+            if not count:
+                continue
+            t = targets[g]
+            t.idx.frombytes(words[pos : pos + count].tobytes())
+            pos += count
+            t.length = int(dst_length[g])
+            sources[g].live_bytes -= moved_bytes[g]
+            t.live_bytes += moved_bytes[g]
+            sources[g].tombstone_bytes -= tomb_bytes[g]
+            t.tombstone_bytes += tomb_bytes[g]
+        self._bytes_relocated += total
+        self._entries_relocated += moved
+        return int(total)
 
     def _compact_batch(self, job: _Compaction, ids: np.ndarray, slots: np.ndarray) -> int:
         """Copy live entries ``ids`` of the sources to their targets; repoint, index, account."""

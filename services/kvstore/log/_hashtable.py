@@ -269,6 +269,12 @@ class HashTable:
             bucket = last & REF_MASK
             mv, first = self._area(bucket)
 
+    def areas(self) -> tuple[np.ndarray, np.ndarray]:
+        """The main and overflow areas (uint64 arrays, eight entries a bucket) for the
+        cleaner's C compaction, which probes and repoints entries in place. The overflow
+        array is replaced when it grows: ask again for every batch."""
+        return self._main, self._ovf
+
     def find_slots(self, hashes: np.ndarray, refs: np.ndarray) -> np.ndarray:
         """Slots of many ``(key hash, reference)`` entries at once (int64; -1 where absent).
 

@@ -1,0 +1,26 @@
+"""Segment compaction's inner loop in C (``_relocate.c``); the cleaner's numpy path is its twin."""
+
+from typing import Any
+
+def compact_batch(
+    arena: memoryview,
+    seglet_size: int,
+    bases: Any,
+    src_first: Any,
+    dst_first: Any,
+    dst_length: Any,
+    dst_limit: Any,
+    dst_bits: Any,
+    src: Any,
+    off: Any,
+    size: Any,
+    flags: Any,
+    aux: Any,
+    ref: Any,
+    main: Any,
+    ovf: Any,
+    present: Any,
+    words: Any,
+    acct: Any,
+    /,
+) -> tuple[int, int]: ...
