@@ -14,7 +14,7 @@ C_SOURCES := rpcfast/transports/_sockops.c rpcfast/_header.c services/kvstore/lo
 	services/kvstore/log/_relocate.c
 HOT_PATH := rpcfast/_session.py rpcfast/_pending.py rpcfast/transports/_udp.py rpcfast/dispatch/_poller.py rpcfast/_router.py rpcfast/_fastcall.py \
 	services/kvstore/log/_entries.py services/kvstore/log/_segments.py services/kvstore/log/_hashtable.py \
-	services/kvstore/log/_log.py services/kvstore/_objects.py
+	services/kvstore/log/_log.py services/kvstore/log/_cleaner.py services/kvstore/_objects.py
 
 $(VENV)/.installed: pyproject.toml setup.py rpcfast/_compiled.py $(HOT_PATH) $(C_SOURCES)
 	$(PYTHON) -m venv $(VENV)

@@ -34,6 +34,7 @@ ENGINE_PATH: Final = (
     "services/kvstore/log/_segments.py",
     "services/kvstore/log/_hashtable.py",
     "services/kvstore/log/_log.py",
+    "services/kvstore/log/_cleaner.py",
     "services/kvstore/_objects.py",
 )
 """The kvstore storage engine's sources compiled in the same group: every read and write runs

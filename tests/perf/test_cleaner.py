@@ -139,6 +139,20 @@ def test_relative_throughput_and_latency_ratios() -> None:
     assert rows[4]["median_ratio"] == pytest.approx(1.1)
 
 
+def test_breakdown_times_the_compaction_kernel_and_puts_it_back() -> None:
+    from services.kvstore.log import _cleaner
+
+    kernel = _cleaner._relocate  # type: ignore[attr-defined]
+    row = cleaner.breakdown(1000, 80, TINY, cleaner.DEFAULT_BUDGET_S, 1)
+    assert _cleaner._relocate is kernel  # type: ignore[attr-defined]
+    assert int(row["relocations"] or 0) > 0 and int(row["writes"] or 0) > 0
+    total = float(row["cleaner_us_per_reloc"] or 0)
+    parts = float(row["kernel_us_per_reloc"] or 0) + float(row["rest_us_per_reloc"] or 0)
+    assert total > 0 and parts == pytest.approx(total, rel=1e-6)
+    if kernel is not None:
+        assert int(row["batches"] or 0) > 0 and float(row["kernel_us_per_reloc"] or 0) > 0
+
+
 @pytest.mark.parametrize("mode", ["pipe", "shm"])
 def test_ipc_batches_arrive_whole(mode: str) -> None:
     row = cleaner.ipc_cost(mode, 64, 10)
@@ -150,8 +164,7 @@ def test_ipc_batches_arrive_whole(mode: str) -> None:
 def test_prototype_applies_relocations_sent_by_the_other_process() -> None:
     parts: Row = {
         "relocations_per_write": 8.0,  # above the backlog: the writer must wait
-        "cleaner_us_per_reloc": 3.0,
-        "cas_us_per_reloc": 1.0,
+        "cleaner_us_per_reloc": 2.0,
     }
     curves = cleaner.Curves()
     rows = cleaner.prototype(TINY, parts, 50, 2000.0, 1, curves)

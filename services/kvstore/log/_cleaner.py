@@ -967,7 +967,7 @@ class LogCleaner:
         chosen: list[Segment] = []
         drop: dict[int, int] = {}
         need = peak = freed = dropped = retired = 0
-        worth = -math.inf
+        worth: float = -math.inf
         best: tuple[float, int, int, int, int, int, int] | None = None
         live = 0
         # Candidates far down the order rarely join; looking at them all costs a lot.
@@ -985,7 +985,7 @@ class LogCleaner:
             # survivors' slack to whichever segment needs a new one, so a later one may pay it
             # back. The pass is the prefix of the segments taken that is worth most.
             t_retired = retired + sum(cell[0] for cell in holders_of(seg.id).values())
-            trial_worth = (t_freed - t_need) * log.seglet_size + t_retired - t_dropped
+            trial_worth = float((t_freed - t_need) * log.seglet_size + t_retired - t_dropped)
             roomy = seg.allocated_bytes - seg.live_bytes >= log.seglet_size
             if trial_worth <= worth and not roomy:
                 continue
