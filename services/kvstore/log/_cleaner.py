@@ -234,6 +234,9 @@ class _Entries:
         self.ends = ends.tolist()  # entry number just past each source's entries
         slot_bits = np.array([seg.slot << OFFSET_BITS for seg in sources], dtype=np.uint64)
         self.ref = slot_bits[self.src] | off.astype(np.uint64)
+        # Work units (COST_ENTRY, an eighth of the size, the size) up to each entry, inclusive:
+        # batches are cut on it with one search.
+        self.cost = np.cumsum(size + (size >> 3) + COST_ENTRY)
 
 
 class _Compaction:
@@ -250,8 +253,31 @@ class _Compaction:
         self.cursor = 0
         self.stop = self.entries.count  # entries of sources that got no target are skipped
         self.finished = 0  # sources whose compacted copy has replaced them
-        # Seglet arena positions of the sources with targets and of the targets (copy_runs).
-        self.bases: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # Seglet arena positions: every source's, then each target's as it is given one
+        # (filled up to _filled); where each source's and each target's start.
+        lists = [seg.bases for seg in sources]
+        counts = [len(b) for b in lists]
+        self._filled = sum(counts)
+        self._bases = np.empty(2 * self._filled + 16, dtype=np.int64)
+        self._bases[: self._filled] = list(itertools.chain.from_iterable(lists))
+        self._src_first = np.cumsum([0, *counts[:-1]]).astype(np.int64)
+        self._dst_first = np.zeros(len(sources), dtype=np.int64)
+        self._based = 0  # targets whose seglets are in _bases
+
+    def bases(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(bases, src_first, dst_first)`` for the sources that have targets (copy_runs and
+        the C kernel): arena positions of seglets, and where each source and target starts."""
+        k = len(self.targets)
+        while self._based < k:
+            b = self.targets[self._based].bases
+            end = self._filled + len(b)
+            if end > len(self._bases):
+                self._bases = np.concatenate((self._bases, np.empty(end, dtype=np.int64)))
+            self._bases[self._filled : end] = b
+            self._dst_first[self._based] = self._filled
+            self._filled = end
+            self._based += 1
+        return self._bases[: self._filled], self._src_first[:k], self._dst_first[:k]
 
 
 class _Cleaning:
@@ -319,6 +345,8 @@ class LogCleaner:
         self._aborted = 0
         self._chosen = [0, 0, 0, 0]  # the *_live_bytes / *_allocated_bytes stats
         self._total_seglets = log.allocator.total_seglets
+        self._present = _NO_SEGMENTS
+        self._present_at = -1
 
     # -- policy --------------------------------------------------------------------------
 
@@ -647,11 +675,11 @@ class LogCleaner:
     def _batch_end(self, e: _Entries, first: int, limit: int, units: int) -> int:
         """End of a batch of entries ``[first, end)`` costing about ``units`` at most."""
         end = min(limit, first + MAX_BATCH)
-        size = e.size[first:end]
-        cost = np.cumsum(size + (size >> 3) + COST_ENTRY)
-        if cost[-1] <= units - COST_BATCH:
+        cost = e.cost
+        room = units - COST_BATCH + (int(cost[first - 1]) if first else 0)
+        if int(cost[end - 1]) <= room:
             return end
-        return first + max(1, int(np.searchsorted(cost, units - COST_BATCH, side="right")))
+        return first + max(1, int(np.searchsorted(cost[first:end], room, side="right")))
 
     def _run_compaction(self, job: _Compaction, budget: _Budget) -> bool:
         e = job.entries
@@ -711,9 +739,14 @@ class LogCleaner:
         job.finished += 1
 
     def _present_segments(self) -> np.ndarray:
-        """Ids of the segments in the log, sorted (a tombstone is live while its target is)."""
-        segments = self._log.segments
-        return np.sort(np.fromiter(segments, dtype=np.uint64, count=len(segments)))
+        """Ids of the segments in the log, sorted (a tombstone is live while its target is);
+        rebuilt only when an id joined or left the log."""
+        log = self._log
+        if self._present_at != log.segment_set_changes:
+            segments = log.segments
+            self._present = np.sort(np.fromiter(segments, dtype=np.uint64, count=len(segments)))
+            self._present_at = log.segment_set_changes
+        return self._present
 
     def _compact_batch_c(self, job: _Compaction, first: int, end: int) -> int:
         """:meth:`_live` and :meth:`_compact_batch` for entries ``[first, end)`` in one C call
@@ -723,9 +756,7 @@ class LogCleaner:
         sources = job.sources
         targets = job.targets
         k = len(targets)
-        if job.bases is None or len(job.bases[2]) != k:
-            job.bases = self._bases_table(sources[:k], targets)
-        bases, src_first, dst_first = job.bases
+        bases, src_first, dst_first = job.bases()
         dst_length = np.fromiter((t.length for t in targets), np.int64, k)
         dst_limit = np.fromiter((t.limit for t in targets), np.int64, k)
         dst_bits = np.fromiter((t.slot << OFFSET_BITS for t in targets), np.uint64, k)
@@ -804,9 +835,7 @@ class LogCleaner:
         first = np.concatenate(([0], brk))
         last = np.concatenate((brk, [n])) - 1
         run_src = src[first]
-        if job.bases is None or len(job.bases[2]) != len(targets):
-            job.bases = self._bases_table(sources[: len(targets)], targets)
-        bases, src_first, dst_first = job.bases
+        bases, src_first, dst_first = job.bases()
         copy_runs(
             self._log.allocator.view,
             self._log.seglet_size,

@@ -256,6 +256,9 @@ class Log:
         # Every segment whose data is reachable: in the log (head, closed, emergency head) or a
         # survivor that joins it at the next digest. Keyed by segment id.
         self.segments: dict[int, Segment] = {}
+        # Bumped whenever a segment id joins or leaves ``segments`` (the cleaner caches the
+        # sorted ids, which decide tombstone liveness, until it changes).
+        self.segment_set_changes = 0
         self._survivor_count = 0
         self._next_id = 1
         self._pending: list[tuple[int, Segment]] = []
@@ -369,6 +372,7 @@ class Log:
             raise LogFull("no seglets for a head segment")
         seg = self._new_segment(seglets, state)
         self.segments[seg.id] = seg
+        self.segment_set_changes += 1
         return seg
 
     def roll_over(self, *, emergency_ok: bool = False) -> bool:
@@ -393,6 +397,7 @@ class Log:
         self._write_head_metadata(new, old if old.state is SegmentState.EMERGENCY_HEAD else None)
         if old.state is SegmentState.EMERGENCY_HEAD:
             del self.segments[old.id]
+            self.segment_set_changes += 1
             self.sink.free(old.id)
             self.release(old)
         else:
@@ -753,6 +758,7 @@ class Log:
         seg = self._new_segment(seglets, state, segment_id)
         if state is SegmentState.SURVIVOR:
             self.segments[seg.id] = seg
+            self.segment_set_changes += 1
             self._survivor_count += 1
             self.sink.open(seg.id, seg.read(0, seg.length))
         return seg
@@ -777,6 +783,7 @@ class Log:
         self._survivor_count -= len(survivors)
         for c in cleaned:
             del self.segments[c.id]
+        self.segment_set_changes += 1
         for c in cleaned:
             self._retire_tombstones_for(c.id)
         if not self.roll_over(emergency_ok=True):
