@@ -80,6 +80,16 @@ COST_SCAN_ENTRY = 2  # per entry of a source scanned for a cleaning pass (a sour
 COST_COMMIT_SEGMENT = 512  # per segment the commit touches (survivors, cleaned, the log's)
 MAX_BATCH = 4096  # entries in one batch at most
 COMPACT_AT_ONCE = 16  # segments compacted in one pass at most
+# Index entries a compaction pass takes on at most (its first source always): its setup (the
+# _Entries arrays) is numpy work over all of them in one step, and sixteen 8 MB segments of
+# 100-byte objects hold ~1.5M entries (~60-100 ms). Compaction frees memory one source at a
+# time, so a smaller pass costs only amortisation. Combined cleaning is not capped: a pass of
+# too few sources may not pay for its survivors, and the cleaner wedged in tests when it was.
+MAX_PASS_ENTRIES = 1 << 17
+# Candidates merged for one combined-cleaning batch at most: each of k runs offers
+# MERGE_ELEMENTS // k (a batch never takes more from all runs together, which keeps the merge
+# exact); thirty runs of MAX_BATCH each made every batch sort 120k keys (~5 ms).
+MERGE_ELEMENTS = 8192
 
 
 class CleanerHandlers(Protocol):
@@ -650,7 +660,13 @@ class LogCleaner:
             return None
         scored.sort(key=lambda t: t[0], reverse=True)
         best = scored[0][0]
-        sources = [seg for score, seg in scored[:COMPACT_AT_ONCE] if score * 2 >= best]
+        sources: list[Segment] = []
+        entries = 0
+        for score, seg in scored[:COMPACT_AT_ONCE]:
+            if score * 2 < best or (sources and entries + len(seg.idx) > MAX_PASS_ENTRIES):
+                break
+            sources.append(seg)
+            entries += len(seg.idx)
         job = _Compaction(sources)
         if not self._target_for(job, 0):
             return None
@@ -1061,6 +1077,9 @@ class LogCleaner:
             last = e.first[i + 1] if i + 1 < len(job.sources) else e.count
             ids = np.arange(first, last)
             ids = ids[(e.flags[first:last] & IDX_OTHER) == 0]
+            # Only live entries are candidates (an entry never comes back to life; placement
+            # checks again): in a segment of dead objects this skips nearly all the work.
+            ids = ids[self._live(job, ids) != -2]
             off = e.off[ids]
             pos = seg.positions(off)
             content = off + 2 + (arena[pos] >> 6).astype(np.int64)
@@ -1086,6 +1105,11 @@ class LogCleaner:
         heads: list[np.ndarray] = []
         keys: list[np.ndarray] = []
         owner: list[np.ndarray] = []
+        if job.sequential:
+            per_run = MAX_BATCH
+        else:
+            active = sum(1 for r, run in enumerate(job.runs) if job.cursors[r] < len(run))
+            per_run = max(64, min(MAX_BATCH, MERGE_ELEMENTS // max(1, active)))
         for r, run in enumerate(job.runs):
             c = job.cursors[r]
             if c >= len(run):
@@ -1100,9 +1124,9 @@ class LogCleaner:
                     # Not even this source's survivors fit any more: end the pass here,
                     # cleanly, rather than leave a source half moved.
                     break
-            take = run[c : c + MAX_BATCH]
+            take = run[c : c + per_run]
             heads.append(take)
-            keys.append(job.run_keys[r][c : c + MAX_BATCH])
+            keys.append(job.run_keys[r][c : c + per_run])
             owner.append(np.full(len(take), r, dtype=np.int64))
             if job.sequential:
                 break
@@ -1119,7 +1143,9 @@ class LogCleaner:
             sorted_keys = keys[0]
         size = e.size[ids]
         fits = np.cumsum(size + (size >> 3) + COST_ENTRY) <= max(1, units - COST_BATCH)
-        count = max(1, min(MAX_BATCH, int(fits.sum())))
+        # At most per_run: a run offered only that many, and one of its later entries may be
+        # older than anything past the first per_run of the merge.
+        count = max(1, min(per_run, int(fits.sum())))
         ids = ids[:count]
         job.last_key = int(sorted_keys[count - 1])
         taken = np.bincount(runs_of[:count], minlength=len(job.runs))

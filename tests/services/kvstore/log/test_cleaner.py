@@ -20,6 +20,7 @@ from services.kvstore.log import (
     Pool,
     SegmentState,
     TombstoneEntry,
+    _cleaner,
     choose_task,
     cleaning_score,
     compaction_score,
@@ -533,7 +534,14 @@ def test_every_step_stays_within_its_work_budget(compaction: bool) -> None:
     assert sink.replay() == {(1, k): (v, m.read(1, k)[1]) for k, v in model.items()}
 
 
-def test_survivors_are_in_age_order_even_when_scanned_out_of_order() -> None:
+@pytest.mark.parametrize("merge_elements", [None, 128])
+def test_survivors_are_in_age_order_even_when_scanned_out_of_order(
+    merge_elements: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 128, a batch merges at most 128 // k candidates of each of k sources' runs (and
+    takes no more than that in all): the merge must stay exact."""
+    if merge_elements is not None:
+        monkeypatch.setattr(_cleaner, "MERGE_ELEMENTS", merge_elements)
     sink = RecordingSink()
     config = attrs.evolve(BOUNDED, compaction_enabled=False, cleaner_bytes_per_step=64 << 10)
     m = ObjectManager(config, replica_sink=sink, clock=JitterClock(5))
@@ -695,3 +703,51 @@ def test_cleaner_keeps_up_at_90_percent_of_total_memory_on_a_small_log(seed: int
     for key_id in rng.sample(range(keys), 200):
         got, version = om.read(1, key_id.to_bytes(8, "big"))
         assert bytes(got) == value and version == versions[key_id]
+
+
+def test_a_pass_takes_on_a_bounded_number_of_index_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction pass's setup is numpy work over all its sources' entries in one step: past
+    MAX_PASS_ENTRIES it takes no further source (its first always), and the cleaner still
+    keeps up at ~65% of the log (combined cleaning, which is not capped, included)."""
+    cap = 2500  # BOUNDED's segments hold ~970 entries of these objects: two fit, three do not
+    monkeypatch.setattr(_cleaner, "MAX_PASS_ENTRIES", cap)
+    m = ObjectManager(BOUNDED, clock=JitterClock(3))
+    m.add_tablet(1)
+    rng = random.Random(4)
+    passes: set[int] = set()
+    keys = 10_000  # ~65% of the log
+    multi = 0
+    for i in range(40_000):
+        _write(m, b"k%05d" % (i if i < keys else rng.randrange(keys)), b"v" * 100, 1e9)
+        if i % 8 == 0:
+            m.cleaner.step(1.0, 1e9)
+            job = m.cleaner._pass
+            if isinstance(job, _cleaner._Compaction) and id(job) not in passes:
+                passes.add(id(job))
+                sizes = [len(seg.idx) for seg in job.sources]
+                assert len(sizes) == 1 or sum(sizes) <= cap, sizes
+                multi += len(sizes) > 1
+    stats = m.stats().cleaner
+    assert stats.compactions + stats.cleanings > 20 and multi > 0
+    for k in rng.sample(range(keys), 100):
+        assert m.read(1, b"k%05d" % k)[0] == b"v" * 100
+
+
+@pytest.mark.parametrize("cap", [10**9, 1000])
+def test_the_pass_entry_cap_limits_how_many_sources_compaction_takes(
+    cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_cleaner, "MAX_PASS_ENTRIES", cap)
+    m = ObjectManager(attrs.evolve(BOUNDED, cleaner_bytes_per_step=1 << 20), clock=JitterClock(1))
+    m.add_tablet(1)
+    for i in range(9000):  # ~9 segments, then every other object overwritten: all compactable
+        _write(m, b"k%05d" % i, b"v" * 100, 1e9)
+    for i in range(0, 9000, 2):
+        _write(m, b"k%05d" % i, b"w" * 100, 1e9)
+    job = m.cleaner._start_compaction()
+    assert isinstance(job, _cleaner._Compaction)
+    sizes = [len(seg.idx) for seg in job.sources]
+    if cap == 10**9:
+        assert len(sizes) > 1 and sum(sizes) > 1000  # the cap below has something to cut
+    else:
+        assert len(sizes) == 1  # the first source always, however many entries it has
