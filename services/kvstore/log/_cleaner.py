@@ -248,6 +248,37 @@ class _Entries:
         # batches are cut on it with one search.
         self.cost = np.cumsum(size + (size >> 3) + COST_ENTRY)
 
+    def keep(self, ids: np.ndarray, source: int) -> None:
+        """Keep entries ``ids`` only (of a one-source block, numbered ``source`` in its pass)."""
+        self.off = self.off[ids]
+        self.size = self.size[ids]
+        self.flags = self.flags[ids]
+        self.aux = self.aux[ids]
+        self.ref = self.ref[ids]
+        self.src = np.full(len(ids), source, dtype=np.int64)
+        self.count = len(ids)
+        self.first = [0]
+        self.ends = [self.count]
+        self.cost = np.cumsum(self.size + (self.size >> 3) + COST_ENTRY)
+
+
+def _join(blocks: list[_Entries]) -> _Entries:
+    """One pass's entries from its sources' blocks, in order (the first block is reused)."""
+    e = blocks[0]
+    if len(blocks) > 1:
+        e.off = np.concatenate([b.off for b in blocks])
+        e.size = np.concatenate([b.size for b in blocks])
+        e.flags = np.concatenate([b.flags for b in blocks])
+        e.aux = np.concatenate([b.aux for b in blocks])
+        e.ref = np.concatenate([b.ref for b in blocks])
+        e.src = np.concatenate([b.src for b in blocks])
+        ends = np.cumsum([b.count for b in blocks])
+        e.first = [0, *ends[:-1].tolist()]
+        e.ends = ends.tolist()
+        e.count = int(ends[-1])
+        e.cost = np.cumsum(e.size + (e.size >> 3) + COST_ENTRY)
+    return e
+
 
 class _Compaction:
     """Compaction of several segments in turn, each into its own target, in shared batches.
@@ -306,7 +337,9 @@ class _Cleaning:
         # Tombstones not copied because their target leaves the log with this pass:
         # (source, target id, bytes).
         self.dropped: list[tuple[Segment, int, int]] = []
-        self.entries: _Entries | None = None
+        self.entries: _Entries | None = None  # set once every source is scanned
+        self.blocks: list[_Entries] = []  # each scanned source's live entries
+        self.scanned = 0  # live entries in blocks
         self.scan_index = 0
         # Per source: its candidates' entry numbers in age order, and how many are consumed.
         self.runs: list[np.ndarray] = []
@@ -511,6 +544,10 @@ class LogCleaner:
         """Hash-table slots of the entries ``ids`` (-1 for tombstones), -2 where dead."""
         e = job.entries
         assert e is not None
+        return self._live_entries(e, ids)
+
+    def _live_entries(self, e: _Entries, ids: np.ndarray) -> np.ndarray:
+        """:meth:`_live` for entries ``ids`` of ``e``."""
         flags = e.flags[ids]
         out = np.full(len(ids), -1, dtype=np.int64)
         if not flags.any():  # objects only, all with their key hash: the common case
@@ -1064,39 +1101,46 @@ class LogCleaner:
         return True
 
     def _scan(self, job: _Cleaning, budget: _Budget) -> bool:
-        """Sort each source's candidates by age, a source at a time; True once all are done."""
-        if job.entries is None:
-            job.entries = _Entries(job.sources)
-            budget.units -= COST_BATCH
-        e = job.entries
+        """Sort each source's live entries by age, a source at a time; True once all are done.
+
+        Each source's index is read into a block of its own and only its live entries kept
+        (an entry never comes back to life; placement checks again), so a step's numpy work
+        is one source's entries, not the whole pass's: twenty-five 8 MB segments of 100-byte
+        objects hold ~1.3M entries, ~160 ms of arrays built at once.
+        """
         arena = self._log.allocator.arena
         while job.scan_index < len(job.sources):
             i = job.scan_index
             seg = job.sources[i]
-            first = e.first[i]
-            last = e.first[i + 1] if i + 1 < len(job.sources) else e.count
-            ids = np.arange(first, last)
-            ids = ids[(e.flags[first:last] & IDX_OTHER) == 0]
-            # Only live entries are candidates (an entry never comes back to life; placement
-            # checks again): in a segment of dead objects this skips nearly all the work.
-            ids = ids[self._live(job, ids) != -2]
-            off = e.off[ids]
+            block = _Entries([seg])
+            ids = np.flatnonzero((block.flags & IDX_OTHER) == 0)
+            ids = ids[self._live_entries(block, ids) != -2]
+            scanned = block.count
+            block.keep(ids, i)
+            off = block.off
             pos = seg.positions(off)
             content = off + 2 + (arena[pos] >> 6).astype(np.int64)
-            stamp = np.zeros(len(ids), dtype=np.int64)
+            stamp = np.zeros(len(off), dtype=np.int64)
             for k in range(4):  # the timestamp is bytes 4..7 of the content
                 stamp |= arena[seg.positions(content + 4 + k)].astype(np.int64) << (8 * k)
             order = np.argsort(stamp, kind="stable")
-            job.runs.append(ids[order])
+            job.runs.append(order + job.scanned)  # entry numbers of the joined pass
             job.run_keys.append(stamp[order])
             job.cursors.append(0)
-            job.left.append(len(ids))
-            job.item_count += len(ids)
-            budget.units -= COST_BATCH + COST_SCAN_ENTRY * len(ids)
+            job.left.append(block.count)
+            job.item_count += block.count
+            job.blocks.append(block)
+            job.scanned += block.count
+            budget.units -= 2 * COST_BATCH + COST_SCAN_ENTRY * scanned
             job.scan_index += 1
             if budget.spent():
                 break
-        return job.scan_index >= len(job.sources)
+        if job.scan_index < len(job.sources):
+            return False
+        if job.entries is None:
+            job.entries = _join(job.blocks)
+            job.blocks = []
+        return True
 
     def _next_batch(self, job: _Cleaning, units: int) -> np.ndarray:
         """The next candidates in global age order, about ``units`` of work; consumes them."""

@@ -716,7 +716,6 @@ def test_a_pass_takes_on_a_bounded_number_of_index_entries(monkeypatch: pytest.M
     rng = random.Random(4)
     passes: set[int] = set()
     keys = 10_000  # ~65% of the log
-    multi = 0
     for i in range(40_000):
         _write(m, b"k%05d" % (i if i < keys else rng.randrange(keys)), b"v" * 100, 1e9)
         if i % 8 == 0:
@@ -726,9 +725,8 @@ def test_a_pass_takes_on_a_bounded_number_of_index_entries(monkeypatch: pytest.M
                 passes.add(id(job))
                 sizes = [len(seg.idx) for seg in job.sources]
                 assert len(sizes) == 1 or sum(sizes) <= cap, sizes
-                multi += len(sizes) > 1
     stats = m.stats().cleaner
-    assert stats.compactions + stats.cleanings > 20 and multi > 0
+    assert stats.compactions + stats.cleanings > 20
     for k in rng.sample(range(keys), 100):
         assert m.read(1, b"k%05d" % k)[0] == b"v" * 100
 
