@@ -332,6 +332,7 @@ class _Cleaning:
     def __init__(self, sources: list[Segment], reservation: list[int], *, sequential: bool) -> None:
         self.sources = sources  # oldest first
         self.source_ids = {s.id for s in sources}
+        self.source_id_array = np.array([s.id for s in sources], dtype=np.uint64)
         self.reservation = reservation
         self.sequential = sequential
         # Tombstones not copied because their target leaves the log with this pass:
@@ -1226,25 +1227,31 @@ class LogCleaner:
             tomb = live & (slots == -1)
             if tomb.any():
                 # A tombstone whose target is emptied already (or is its own holder) leaves
-                # with this pass for sure: drop it instead of copying it.
+                # with this pass for sure: drop it instead of copying it. Tombstones are most
+                # of a pass's entries when overwrites are small, so this is all vectorised.
                 t_ids = ids[tomb]
-                targets = e.aux[t_ids].tolist()
-                holders = e.src[t_ids].tolist()
-                drop = np.fromiter(
-                    (
-                        t in job.emptied or t == sources[h].id
-                        for t, h in zip(targets, holders, strict=True)
-                    ),
-                    bool,
-                    len(targets),
-                )
+                targets = e.aux[t_ids]
+                holders = e.src[t_ids]
+                drop = targets == job.source_id_array[holders]
+                if job.emptied:
+                    emptied = np.sort(
+                        np.fromiter(job.emptied, dtype=np.uint64, count=len(job.emptied))
+                    )
+                    at = np.minimum(np.searchsorted(emptied, targets), len(emptied) - 1)
+                    drop |= emptied[at] == targets
                 if drop.any():
-                    for g in t_ids[drop].tolist():
-                        src = sources[int(e.src[g])]
-                        size = int(e.size[g])
+                    d_ids = t_ids[drop]
+                    # (holder, target) pairs and their bytes, summed: what the commit needs
+                    pair = (e.src[d_ids].astype(np.uint64) << np.uint64(40)) | e.aux[d_ids]
+                    order = np.argsort(pair, kind="stable")
+                    pair = pair[order]
+                    first = np.flatnonzero(np.concatenate(([True], pair[1:] != pair[:-1])))
+                    sums = np.add.reduceat(e.size[d_ids][order], first)
+                    for key, size in zip(pair[first].tolist(), sums.tolist(), strict=True):
+                        src = sources[key >> 40]
                         src.live_bytes -= size
                         src.tombstone_bytes -= size
-                        job.dropped.append((src, int(e.aux[g]), size))
+                        job.dropped.append((src, key & IDX_AUX_MASK, size))
                     where = np.flatnonzero(tomb)[drop]
                     live[where] = False
             keep = ids[live]
