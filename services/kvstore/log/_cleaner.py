@@ -90,6 +90,8 @@ MAX_PASS_ENTRIES = 1 << 17
 # MERGE_ELEMENTS // k (a batch never takes more from all runs together, which keeps the merge
 # exact); thirty runs of MAX_BATCH each made every batch sort 120k keys (~5 ms).
 MERGE_ELEMENTS = 8192
+# Index entries a cleaning scan reads in one go (a step reads at least one chunk).
+SCAN_CHUNK = 16384
 
 
 class CleanerHandlers(Protocol):
@@ -224,17 +226,28 @@ class _Entries:
     come from the index (``aux`` gets the key hash filled in for unhashed objects).
     """
 
-    def __init__(self, sources: list[Segment]) -> None:
-        counts = [len(seg.idx) for seg in sources]
+    def __init__(self, sources: list[Segment], span: tuple[int, int] | None = None) -> None:
+        """Every entry of ``sources``; or, with ``span = (start, stop)``, entries
+        ``[start, stop)`` of the one source."""
+        if span is None:
+            counts = [len(seg.idx) for seg in sources]
+            joined = b"".join([seg.idx.tobytes() for seg in sources])
+            ends_at = [seg.length for seg in sources]  # where each source's last entry ends
+        else:
+            (seg,) = sources
+            start, stop = span
+            counts = [stop - start]
+            joined = seg.idx[start:stop].tobytes()
+            ends_at = [seg.length if stop >= len(seg.idx) else seg.idx[stop] >> IDX_OFFSET_SHIFT]
         total = sum(counts)
-        words = np.frombuffer(b"".join([seg.idx.tobytes() for seg in sources]), dtype=np.uint64)
+        words = np.frombuffer(joined, dtype=np.uint64)
         off = (words >> _OFFSET_SHIFT).astype(np.int64)
         size = np.empty(total, dtype=np.int64)
         size[:-1] = off[1:] - off[:-1]
         ends = np.cumsum(counts)
         self.first: list[int] = [0, *ends[:-1].tolist()]
         last = [e - 1 for e, c in zip(ends.tolist(), counts, strict=True) if c]
-        size[last] = [seg.length for seg, c in zip(sources, counts, strict=True) if c] - off[last]
+        size[last] = [at for at, c in zip(ends_at, counts, strict=True) if c] - off[last]
         self.off = off
         self.size = size
         self.flags = (words & _FLAGS).astype(np.int64)
@@ -339,8 +352,11 @@ class _Cleaning:
         # (source, target id, bytes).
         self.dropped: list[tuple[Segment, int, int]] = []
         self.entries: _Entries | None = None  # set once every source is scanned
-        self.blocks: list[_Entries] = []  # each scanned source's live entries
-        self.scanned = 0  # live entries in blocks
+        self.joined: _Entries | None = None  # the scanned sources' live entries, filled in
+        self.scanned = 0  # live entries in joined
+        self.scan_pos = 0  # index entries of the source being scanned read so far
+        self.chunks: list[_Entries] = []  # its live entries so far, and their timestamps
+        self.chunk_stamps: list[np.ndarray] = []
         self.scan_index = 0
         # Per source: its candidates' entry numbers in age order, and how many are consumed.
         self.runs: list[np.ndarray] = []
@@ -1102,18 +1118,21 @@ class LogCleaner:
         return True
 
     def _scan(self, job: _Cleaning, budget: _Budget) -> bool:
-        """Sort each source's live entries by age, a source at a time; True once all are done.
+        """Sort each source's live entries by age; True once every source is done.
 
-        Each source's index is read into a block of its own and only its live entries kept
-        (an entry never comes back to life; placement checks again), so a step's numpy work
-        is one source's entries, not the whole pass's: twenty-five 8 MB segments of 100-byte
-        objects hold ~1.3M entries, ~160 ms of arrays built at once.
+        A source is read ``SCAN_CHUNK`` index entries at a time into blocks of its own, and
+        only live entries are kept (an entry never comes back to life; placement checks
+        again), so a step's numpy work is a chunk's entries, not a source's or the pass's:
+        twenty-five 8 MB segments of 100-byte objects hold ~1.3M entries, ~160 ms of arrays
+        built at once. The blocks are joined once every source is scanned.
         """
         arena = self._log.allocator.arena
         while job.scan_index < len(job.sources):
             i = job.scan_index
             seg = job.sources[i]
-            block = _Entries([seg])
+            start = job.scan_pos
+            stop = min(len(seg.idx), start + SCAN_CHUNK)
+            block = _Entries([seg], (start, stop))
             ids = np.flatnonzero((block.flags & IDX_OTHER) == 0)
             ids = ids[self._live_entries(block, ids) != -2]
             scanned = block.count
@@ -1124,24 +1143,70 @@ class LogCleaner:
             stamp = np.zeros(len(off), dtype=np.int64)
             for k in range(4):  # the timestamp is bytes 4..7 of the content
                 stamp |= arena[seg.positions(content + 4 + k)].astype(np.int64) << (8 * k)
-            order = np.argsort(stamp, kind="stable")
-            job.runs.append(order + job.scanned)  # entry numbers of the joined pass
-            job.run_keys.append(stamp[order])
-            job.cursors.append(0)
-            job.left.append(block.count)
-            job.item_count += block.count
-            job.blocks.append(block)
-            job.scanned += block.count
+            job.chunks.append(block)
+            job.chunk_stamps.append(stamp)
+            job.scan_pos = stop
             budget.units -= 2 * COST_BATCH + COST_SCAN_ENTRY * scanned
-            job.scan_index += 1
+            if stop >= len(seg.idx):  # the source is read: its run, in age order
+                block = _join(job.chunks)
+                stamps = np.concatenate(job.chunk_stamps)
+                order = np.argsort(stamps, kind="stable")
+                job.runs.append(order + job.scanned)  # entry numbers of the joined pass
+                job.run_keys.append(stamps[order])
+                job.cursors.append(0)
+                job.left.append(block.count)
+                job.item_count += block.count
+                self._append_block(job, block)
+                job.scanned += block.count
+                job.chunks = []
+                job.chunk_stamps = []
+                job.scan_pos = 0
+                job.scan_index += 1
             if budget.spent():
                 break
         if job.scan_index < len(job.sources):
             return False
         if job.entries is None:
-            job.entries = _join(job.blocks)
-            job.blocks = []
+            e = job.joined
+            assert e is not None
+            n = e.count
+            e.off, e.size, e.flags = e.off[:n], e.size[:n], e.flags[:n]
+            e.aux, e.ref, e.src = e.aux[:n], e.ref[:n], e.src[:n]
+            e.cost = np.cumsum(e.size + (e.size >> 3) + COST_ENTRY)
+            job.entries = e
+            job.joined = None
         return True
+
+    @staticmethod
+    def _append_block(job: _Cleaning, block: _Entries) -> None:
+        """Copy a scanned source's live entries into the pass's arrays (allocated for every
+        index entry of the pass at the first source, filled a source at a time), so that no
+        step joins the whole pass at once."""
+        e = job.joined
+        if e is None:
+            total = sum(len(seg.idx) for seg in job.sources)
+            e = _Entries([job.sources[0]], (0, 0))
+            e.off = np.empty(total, dtype=np.int64)
+            e.size = np.empty(total, dtype=np.int64)
+            e.flags = np.empty(total, dtype=np.int64)
+            e.aux = np.empty(total, dtype=np.uint64)
+            e.ref = np.empty(total, dtype=np.uint64)
+            e.src = np.empty(total, dtype=np.int64)
+            e.count = 0
+            e.first = []
+            e.ends = []
+            job.joined = e
+        a = e.count
+        b = a + block.count
+        e.off[a:b] = block.off
+        e.size[a:b] = block.size
+        e.flags[a:b] = block.flags
+        e.aux[a:b] = block.aux
+        e.ref[a:b] = block.ref
+        e.src[a:b] = block.src
+        e.first.append(a)
+        e.ends.append(b)
+        e.count = b
 
     def _next_batch(self, job: _Cleaning, units: int) -> np.ndarray:
         """The next candidates in global age order, about ``units`` of work; consumes them."""
