@@ -276,7 +276,7 @@ class _Entries:
 
 
 def _join(blocks: list[_Entries]) -> _Entries:
-    """One pass's entries from its sources' blocks, in order (the first block is reused)."""
+    """Blocks of entries as one, in order (a source's scanned chunks; the first is reused)."""
     e = blocks[0]
     if len(blocks) > 1:
         e.off = np.concatenate([b.off for b in blocks])

@@ -107,17 +107,12 @@ find_ref(uint64_t *main, Py_ssize_t buckets, uint64_t *ovf, Py_ssize_t ovf_bucke
     return NULL;
 }
 
-/* Arena position of byte ``off`` of the segment whose seglets start at bases[first]. */
+/* Arena position of byte ``off`` of the segment whose seglets start at bases[first] (pass 1
+ * checked every seglet index and base the copies can reach). */
 static inline int64_t
-position(const int64_t *bases, Py_ssize_t nbases, int64_t first, int64_t off, int64_t size,
-         int *bad)
+position(const int64_t *bases, int64_t first, int64_t off, int64_t size)
 {
-    int64_t k = first + off / size;
-    if (off < 0 || k < 0 || k >= nbases) {
-        *bad = 1;
-        return 0;
-    }
-    return bases[k] + off % size;
+    return bases[first + off / size] + off % size;
 }
 
 PyDoc_STRVAR(
@@ -275,11 +270,10 @@ compact_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int64_t s = src[i];
         int64_t length = size[i];
         int64_t at = dst_length[s];
-        int bad = 0;
         int64_t so = off[i], dof = at, left = length;
         while (left > 0) {
-            int64_t sp = position(bases, nbases, src_first[s], so, seglet, &bad);
-            int64_t dp = position(bases, nbases, dst_first[s], dof, seglet, &bad);
+            int64_t sp = position(bases, src_first[s], so, seglet);
+            int64_t dp = position(bases, dst_first[s], dof, seglet);
             int64_t chunk = left;
             if (seglet - so % seglet < chunk) {
                 chunk = seglet - so % seglet;
@@ -287,7 +281,6 @@ compact_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (seglet - dof % seglet < chunk) {
                 chunk = seglet - dof % seglet;
             }
-            (void)bad; /* pass 1 checked every seglet index and base this can reach */
             memmove(arena + dp, arena + sp, (size_t)chunk);
             so += chunk;
             dof += chunk;
