@@ -171,6 +171,24 @@ class StorageConfig:
             raise ValueError("disk_expansion_factor must be at least 1")
         if self.reserve_segments + 2 > self.total_bytes // self.segment_size:
             raise ValueError("total_bytes too small for the reserves plus two segments")
+        if self.max_append_bytes < self.seglet_size // 2:
+            raise ValueError(
+                "segment_size too small for a log digest of this many seglets "
+                "(use larger seglets or segments)"
+            )
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes every segment keeps for its header, the log digest and a safe version."""
+        return (
+            SEGMENT_HEADER_ENTRY_SIZE
+            + log_digest_size(self.total_seglets)
+            + SAFE_VERSION_ENTRY_SIZE
+        )
+
+    @property
+    def max_append_bytes(self) -> int:
+        return self.segment_size - self.metadata_bytes
 
     @property
     def seglets_per_segment(self) -> int:
@@ -272,14 +290,10 @@ class Log:
         self.tombstone_count = 0
         self.max_entry_seen = 0
         self.emergency_heads_used = 0
-        self.metadata_bytes = (
-            SEGMENT_HEADER_ENTRY_SIZE + log_digest_size(total) + SAFE_VERSION_ENTRY_SIZE
-        )
-        self.max_append_bytes = self.segment_size - self.metadata_bytes
+        self.metadata_bytes = config.metadata_bytes
+        self.max_append_bytes = config.max_append_bytes
         full = total / self.seglets_per_segment
         self._disk_percent_per_segment = 100.0 / (full * config.disk_expansion_factor)
-        if self.max_append_bytes < self.seglet_size // 2:
-            raise ValueError("segment_size too small for a log digest of this many seglets")
         self.head: Segment = self._open_head(Pool.DEFAULT, SegmentState.HEAD)
         self._write_head_metadata(self.head, None)
 
