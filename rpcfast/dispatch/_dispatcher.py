@@ -243,6 +243,11 @@ class Dispatcher:
             transport.drain(now)
         return False
 
+    def input_waiting(self) -> bool:
+        """Whether input waits for this dispatcher (:meth:`Poller.input_waiting`): long work
+        done between requests (a log cleaner's slice) asks it to yield early."""
+        return self.poller.input_waiting()
+
     def _has_pending(self) -> bool:
         """A transport has input that no fd announces (in-process, ZeroMQ's edge trigger)."""
         return any(transport.has_pending() for transport in self._transports)

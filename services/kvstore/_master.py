@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from services.kvstore._replication import ReplicaManager
 
 import rpcfast
+import rpcfast.dispatch
 from rpcfast._schema import interface_spec
 from services.kvstore._direct import DirectStruct, VersionList
 from services.kvstore._objects import ObjectManager, RejectRules
@@ -393,8 +394,18 @@ async def run_cleaner(
     slice_seconds: float = CLEANER_SLICE,
     idle_check: float = CLEANER_IDLE_CHECK,
     idle_check_max: float = CLEANER_IDLE_CHECK_MAX,
+    interruptible: bool = False,
 ) -> None:
     """Drive the cleaner in cooperative slices until cancelled.
+
+    By default a slice runs its whole ``slice_seconds``: a request that arrives meanwhile
+    waits for the rest of it, so few requests wait, but long. ``interruptible`` slices yield
+    as soon as any input of this process's dispatcher is waiting, after the unit of cleaning
+    work under way (tens of microseconds; units are smaller then): many requests wait a
+    little. Measured end to end (``rpcfast-perf cleaner --sections server``, 100-byte writes
+    at 90%, one client): whole slices kept the median within 1-2% of an idle cleaner's with
+    p99 5-6x; yielding slices cut p99 to 0.4-5x but moved the median 2-12%, and under heavy
+    load their one unit per loop let the cleaner fall behind (writes got Retry even at 30%).
 
     With nothing to do it looks again after ``idle_check``, and while the log does not change
     (no seglet allocated or freed, no segment added or retired) ever less often, up to
@@ -405,9 +416,10 @@ async def run_cleaner(
     clock = objects._clock
     delay = idle_check
     seen = cleaner.activity()
+    interrupt = rpcfast.dispatch.current().input_waiting if interruptible else None
     while True:
         if cleaner.wants_to_run():
-            cleaner.step(slice_seconds, clock())
+            cleaner.step(slice_seconds, clock(), interrupt)
             await trio.lowlevel.checkpoint()
             delay = idle_check
             continue

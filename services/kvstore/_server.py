@@ -9,6 +9,7 @@ and the backup store which masters may write) and assigns tablets.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -45,6 +46,14 @@ class ServerConfig:
     data_dir: str = "kvdata"
     memory_bytes: int = 256 * 1024 * 1024
     segment_size: int = 8 * 1024 * 1024
+    seglet_size: int = 64 * 1024
+    cleaner_reserve_segments: int | None = None
+    """Survivor segments reserved for the cleaner; None: the engine's default."""
+    write_limit: float = 0.95
+    prefault_memory: bool = False
+    cleaner_interruptible: bool = False
+    """Cleaner slices yield as soon as a request waits (``run_cleaner``): a shorter tail, a
+    higher median, and a cleaner that falls behind under heavy load. Off: whole slices."""
     replicas: int = 3
     durability: str = "buffered"
     disk_expansion_factor: float = 2.0
@@ -58,6 +67,18 @@ class ServerConfig:
     write needs the master and three backups to run in turn, and an idle spinner keeps them
     waiting (measured in perf/kv.py: R=3 writes about half as long)."""
     busy_spin: float = 0.00005
+
+    def storage_config(self) -> StorageConfig:
+        """The master's engine configuration; raises ValueError for sizes that do not fit."""
+        return StorageConfig(
+            total_bytes=self.memory_bytes,
+            segment_size=self.segment_size,
+            seglet_size=self.seglet_size,
+            cleaner_reserve_segments=self.cleaner_reserve_segments,
+            write_limit=self.write_limit,
+            prefault_memory=self.prefault_memory,
+            disk_expansion_factor=self.disk_expansion_factor,
+        )
 
 
 def segment_views(objects: ObjectManager, segment_id: int) -> list[memoryview] | None:
@@ -191,18 +212,20 @@ class StorageServer:
                 cfg.replicas,
                 read_segment=lambda segment_id: segment_views(self._objects(), segment_id),
             )
-            storage = StorageConfig(
-                total_bytes=cfg.memory_bytes,
-                segment_size=cfg.segment_size,
-                disk_expansion_factor=cfg.disk_expansion_factor,
-            )
+            storage = cfg.storage_config()
             self.objects = ObjectManager(storage, replica_sink=self.replicas)
             self.master = MasterService(self.objects, standalone=False, replicas=self.replicas)
             services = [self.master, backup_service(store), ServerAdmin(self)]
             async with rpcfast.serve(services, [cfg.listen]) as server:
                 self.address = server.addresses[0]
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(run_cleaner, self.objects)
+                    nursery.start_soon(
+                        functools.partial(
+                            run_cleaner,
+                            self.objects,
+                            interruptible=cfg.cleaner_interruptible,
+                        )
+                    )
                     nursery.start_soon(self.replicas.run)
                     await self._enlist()
                     # everything allocated at start-up (the arena maps, the hash table, the

@@ -61,12 +61,22 @@ def _server(args: argparse.Namespace) -> int:
         data_dir=args.dir,
         memory_bytes=args.memory * 1024 * 1024,
         segment_size=args.segment_kb * 1024,
+        seglet_size=args.seglet_kb * 1024,
+        cleaner_reserve_segments=args.cleaner_reserve,
+        write_limit=args.write_limit,
+        prefault_memory=args.prefault,
+        cleaner_interruptible=args.cleaner_interruptible,
         replicas=args.replicas,
         durability=args.durability,
         spin_budget=args.spin_us / 1e6,
         park_when_busy=args.park_when_busy,
         busy_spin=args.busy_spin_us / 1e6,
     )
+    try:
+        config.storage_config()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -140,7 +150,17 @@ class LocalCluster:
         segment_kb: int = 8192,
         park_when_busy: bool = True,
         busy_spin_us: float = 50,
+        seglet_kb: int = 64,
+        cleaner_reserve: int | None = None,
+        write_limit: float = 0.95,
+        prefault: bool = False,
+        cleaner_interruptible: bool = False,
     ):
+        self.cleaner_interruptible = cleaner_interruptible
+        self.seglet_kb = seglet_kb
+        self.cleaner_reserve = cleaner_reserve
+        self.write_limit = write_limit
+        self.prefault = prefault
         self.spin_us = spin_us
         self.park_when_busy = park_when_busy
         self.busy_spin_us = busy_spin_us
@@ -211,9 +231,20 @@ class LocalCluster:
                     "--busy-spin-us",
                     str(self.busy_spin_us),
                     "--park-when-busy" if self.park_when_busy else "--no-park-when-busy",
+                    *self._storage_args(),
                 ]
             )
             self.server_addresses.append(address)
+
+    def _storage_args(self) -> list[str]:
+        argv = ["--seglet-kb", str(self.seglet_kb), "--write-limit", str(self.write_limit)]
+        if self.cleaner_reserve is not None:
+            argv += ["--cleaner-reserve", str(self.cleaner_reserve)]
+        if self.prefault:
+            argv.append("--prefault")
+        if self.cleaner_interruptible:
+            argv.append("--cleaner-interruptible")
+        return argv
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # servers first, then the coordinator
@@ -248,6 +279,11 @@ def _cluster(args: argparse.Namespace) -> int:
         args.segment_kb,
         args.park_when_busy,
         args.busy_spin_us,
+        args.seglet_kb,
+        args.cleaner_reserve,
+        args.write_limit,
+        args.prefault,
+        args.cleaner_interruptible,
     )
     # SIGTERM (kill, systemd, a terminal closing) stops the cluster as Ctrl-C does: the
     # servers, then the coordinator, then this process
@@ -469,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-kb", type=int, default=8192, help="segment size in KB")
     p.add_argument("--spin-us", type=float, default=200, help="dispatcher spin budget")
     _add_busy_flags(p)
+    _add_storage_flags(p)
     p.set_defaults(func=_server)
 
     p = sub.add_parser("cluster", help="run a whole local cluster")
@@ -480,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-kb", type=int, default=8192, help="segment size in KB")
     p.add_argument("--spin-us", type=float, default=200, help="servers' dispatcher spin budget")
     _add_busy_flags(p)
+    _add_storage_flags(p)
     p.add_argument(
         "--workload", type=float, default=0, help="run a mixed workload for S s, then stop"
     )
@@ -518,6 +556,36 @@ def _add_busy_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=50,
         help="idle spin before parking while oversubscribed",
+    )
+
+
+def _add_storage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seglet-kb", type=int, default=64, help="seglet size in KB (divides the segment size)"
+    )
+    p.add_argument(
+        "--cleaner-reserve",
+        type=int,
+        default=None,
+        help="segments kept for the cleaner's survivors (default: min(15, an eighth of the log))",
+    )
+    p.add_argument(
+        "--write-limit",
+        type=float,
+        default=0.95,
+        help="fraction of the write pool live data may fill before writes get Retry",
+    )
+    p.add_argument(
+        "--prefault",
+        action="store_true",
+        help="touch all log and hash-table memory at start-up (no page faults later)",
+    )
+    p.add_argument(
+        "--cleaner-interruptible",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="cleaner slices yield as soon as a request waits: shorter tail latency, higher "
+        "median, slower cleaning under load (default: off, whole slices)",
     )
 
 

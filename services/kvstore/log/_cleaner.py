@@ -92,6 +92,11 @@ MAX_PASS_ENTRIES = 1 << 17
 MERGE_ELEMENTS = 8192
 # Index entries a cleaning scan reads in one go (a step reads at least one chunk).
 SCAN_CHUNK = 16384
+# Work one batch may take in an interruptible step (``LogCleaner.step``'s ``interrupt``): a
+# waiting request waits for at most one batch, tens of microseconds, not for the whole slice.
+INTERRUPTIBLE_BATCH_UNITS = 16 * 1024
+# The scan's chunk in an interruptible step, in index entries.
+INTERRUPTIBLE_SCAN_CHUNK = 2048
 
 
 class CleanerHandlers(Protocol):
@@ -191,17 +196,36 @@ class CleanerStats:
 
 
 class _Budget:
-    """What one step may still do: work units, and time until ``deadline`` on ``timer``."""
+    """What one step may still do: work units, and time until ``deadline`` on ``timer``.
 
-    __slots__ = ("deadline", "timer", "units")
+    With an ``interrupt`` (a step that yields to waiting requests), batches take at most
+    ``INTERRUPTIBLE_BATCH_UNITS`` each and the step also ends as soon as ``interrupt()`` says so.
+    """
 
-    def __init__(self, units: int, deadline: float, timer: Callable[[], float]) -> None:
+    __slots__ = ("deadline", "interrupt", "quantum", "timer", "units")
+
+    def __init__(
+        self,
+        units: int,
+        deadline: float,
+        timer: Callable[[], float],
+        interrupt: Callable[[], bool] | None = None,
+    ) -> None:
         self.units = units
         self.deadline = deadline
         self.timer = timer
+        self.interrupt = interrupt
+        self.quantum = INTERRUPTIBLE_BATCH_UNITS if interrupt is not None else units
+
+    def batch_units(self) -> int:
+        """Work the next batch may take."""
+        return min(self.units, self.quantum)
 
     def spent(self) -> bool:
-        return self.units <= 0 or self.timer() >= self.deadline
+        if self.units <= 0 or self.timer() >= self.deadline:
+            return True
+        interrupt = self.interrupt
+        return interrupt is not None and interrupt()
 
 
 _NO_SEGMENTS = np.empty(0, dtype=np.uint64)
@@ -500,16 +524,26 @@ class LogCleaner:
 
     # -- driving -------------------------------------------------------------------------
 
-    def step(self, budget_seconds: float, now: float) -> bool:
+    def step(
+        self,
+        budget_seconds: float,
+        now: float,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> bool:
         """Do up to ``budget_seconds`` (and ``cleaner_bytes_per_step`` units) of cleaning.
 
         ``now`` comes from the same clock the log stamps segments with; it ages segments for
         cost-benefit. Returns whether any work was done (memory reclaimed, entries copied or a
         pass started or finished); False means the balancer says sleep. A step overruns its
-        budget by at most one unit of work (one batch, one scanned source, one commit).
+        budget by at most one unit of work (one batch, one scanned chunk, one commit).
+
+        ``interrupt`` (a server passes "a request is waiting") makes the step yield early: it
+        is asked after every unit of work, and units are then small (``INTERRUPTIBLE_*``), so
+        a request that arrives during a slice waits for one unit rather than the slice. That
+        trades the median for the tail: see ``run_cleaner``.
         """
         units = self._config.cleaner_bytes_per_step
-        budget = _Budget(units, self._timer() + budget_seconds, self._timer)
+        budget = _Budget(units, self._timer() + budget_seconds, self._timer, interrupt)
         did = self._log.reclaim() > 0
         starts = 0
         while True:
@@ -755,7 +789,7 @@ class LogCleaner:
         e = job.entries
         while job.cursor < job.stop:
             first = job.cursor
-            end = self._batch_end(e, first, job.stop, budget.units)
+            end = self._batch_end(e, first, job.stop, budget.batch_units())
             # Every source the batch reaches needs its target; stop before one that gets none.
             last_src = int(e.src[end - 1])
             while len(job.targets) <= last_src:
@@ -1131,7 +1165,8 @@ class LogCleaner:
             i = job.scan_index
             seg = job.sources[i]
             start = job.scan_pos
-            stop = min(len(seg.idx), start + SCAN_CHUNK)
+            chunk = SCAN_CHUNK if budget.interrupt is None else INTERRUPTIBLE_SCAN_CHUNK
+            stop = min(len(seg.idx), start + chunk)
             block = _Entries([seg], (start, stop))
             ids = np.flatnonzero((block.flags & IDX_OTHER) == 0)
             ids = ids[self._live_entries(block, ids) != -2]
@@ -1281,7 +1316,7 @@ class LogCleaner:
         assert e is not None
         sources = job.sources
         while True:
-            ids = self._next_batch(job, budget.units)
+            ids = self._next_batch(job, budget.batch_units())
             if len(ids) == 0:
                 job.relocated_all = True
                 break

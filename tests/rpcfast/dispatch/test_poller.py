@@ -89,3 +89,38 @@ def test_due_timers_run_and_the_next_deadline_is_taken_from_the_transports() -> 
     assert len(source.timers) == 1 and p.next_deadline == pytest.approx(1e12)
     p.schedule(2e12)  # later than the one armed: no change
     assert p.next_deadline == pytest.approx(1e12)
+
+
+def test_input_waiting_sees_a_readable_fd_and_takes_nothing() -> None:
+    import select
+    import socket
+
+    source = Source()
+    p = poller(source)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        p.epoll.register(a.fileno(), select.EPOLLIN)  # as the dispatcher registers fds
+        assert not p.input_waiting()
+        b.send(b"x")
+        assert p.input_waiting()
+        assert p.input_waiting()  # level-triggered and nothing was read
+        assert a.recv(8) == b"x"
+        assert not p.input_waiting()
+        assert source.polls == 0  # asking never polls a transport
+    finally:
+        p.close()
+        a.close()
+        b.close()
+    assert not p.input_waiting()  # closed: nothing to wait for
+
+
+def test_input_waiting_sees_input_that_no_fd_announces() -> None:
+    class Buffered(Source):
+        def has_pending(self) -> bool:
+            return True
+
+    p = poller(Buffered())
+    try:
+        assert p.input_waiting()
+    finally:
+        p.close()

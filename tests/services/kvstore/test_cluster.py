@@ -128,6 +128,33 @@ def test_servers_park_when_busy_unless_told_not_to() -> None:
     assert not args.park_when_busy and args.busy_spin_us == 80
 
 
+def test_storage_flags_reach_the_engine_and_bad_sizes_fail_before_serving(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from services.kvstore._server import ServerConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["server", "--coordinator", "udp://127.0.0.1:1"])
+    assert (args.seglet_kb, args.cleaner_reserve, args.write_limit) == (64, None, 0.95)
+    assert not args.prefault and not args.cleaner_interruptible
+    storage = ["--seglet-kb", "8", "--cleaner-reserve", "2", "--write-limit", "0.98"]
+    args = parser.parse_args(["cluster", *storage, "--prefault", "--cleaner-interruptible"])
+    assert (args.seglet_kb, args.cleaner_reserve, args.write_limit) == (8, 2, 0.98)
+    assert args.prefault and args.cleaner_interruptible
+    config = ServerConfig(
+        "udp://127.0.0.1:1",
+        memory_bytes=32 << 20,
+        segment_size=256 << 10,
+        seglet_size=8 << 10,
+        cleaner_reserve_segments=2,
+        write_limit=0.98,
+    ).storage_config()
+    assert (config.seglet_size, config.cleaner_segments, config.write_limit) == (8 << 10, 2, 0.98)
+    # a seglet that does not divide the segment: a clear error, no server, no traceback
+    assert main(["server", "--coordinator", "udp://127.0.0.1:1", "--seglet-kb", "3"]) == 2
+    assert "segment_size must be a multiple of seglet_size" in capsys.readouterr().err
+
+
 def test_restarted_coordinator_resumes_tables(tmp_path: Path) -> None:
     c = LocalCluster(
         str(tmp_path / "kv"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -152,7 +153,8 @@ def test_an_idle_cleaner_checks_ever_less_often_until_the_log_changes() -> None:
             self.checks += 1
             return self.work > 0
 
-        def step(self, seconds: float, now: float) -> None:
+        def step(self, seconds: float, now: float, interrupt: object = None) -> None:
+            assert interrupt is None  # whole slices by default
             self.work -= 1
 
         def activity(self) -> tuple[int, int, int]:
@@ -177,3 +179,29 @@ def test_an_idle_cleaner_checks_ever_less_often_until_the_log_changes() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_interruptible_cleaner_asks_the_dispatcher_whether_input_waits() -> None:
+    seen: list[Any] = []
+
+    class FakeCleaner:
+        def wants_to_run(self) -> bool:
+            return not seen
+
+        def step(self, seconds: float, now: float, interrupt: Any = None) -> None:
+            seen.append(interrupt)
+
+        def activity(self) -> tuple[int, int, int]:
+            return (0, 0, 0)
+
+    objects: Any = SimpleNamespace(cleaner=FakeCleaner(), _clock=time.perf_counter)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(run_cleaner, objects, interruptible=True))
+            await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(seen) == 1 and callable(seen[0])
+    assert seen[0]() is False  # nothing is listening in this run: no input can be waiting

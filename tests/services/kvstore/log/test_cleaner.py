@@ -749,3 +749,65 @@ def test_the_pass_entry_cap_limits_how_many_sources_compaction_takes(
         assert len(sizes) > 1 and sum(sizes) > 1000  # the cap below has something to cut
     else:
         assert len(sizes) == 1  # the first source always, however many entries it has
+
+
+@pytest.mark.parametrize("compaction", [True, False])
+def test_an_interrupted_step_stops_after_one_small_unit_and_loses_nothing(
+    compaction: bool,
+) -> None:
+    """A step whose ``interrupt`` always says "a request waits" does one unit of work (a batch
+    of at most ``INTERRUPTIBLE_BATCH_UNITS``, a scan chunk, a commit), and passes cut that
+    fine still finish with every write intact."""
+    config = attrs.evolve(
+        BOUNDED,
+        cleaner_bytes_per_step=1 << 30,
+        compaction_enabled=compaction,
+        tombstone_ratio=0.15,
+    )
+    sink = SurvivorBytesSink()
+    m = ObjectManager(config, replica_sink=sink, clock=JitterClock(5))
+    sink.log = m.log
+    m.add_tablet(1)
+    asked = 0
+
+    def interrupt() -> bool:
+        nonlocal asked
+        asked += 1
+        return True
+
+    entry = object_entry_size(6, 100)
+    batch = _cleaner.INTERRUPTIBLE_BATCH_UNITS + entry + entry // 8 + COST_ENTRY
+    scan = 2 * COST_BATCH + COST_SCAN_ENTRY * _cleaner.INTERRUPTIBLE_SCAN_CHUNK
+    commit = COST_COMMIT_SEGMENT * (2 * config.max_live_segments_per_pass + 2) + 8 * (
+        config.total_bytes // config.segment_size
+    )
+    rng = random.Random(5)
+    keys = [b"k%05d" % i for i in range(4500)]
+    model: dict[bytes, bytes] = {}
+    steps = cut = 0
+    for i in range(14_000):
+        key = keys[rng.randrange(len(keys))] if i >= len(keys) else keys[i]
+        value = bytes([i % 251]) * 100
+        for _ in range(2000):
+            try:
+                m.write(1, key, value)
+                break
+            except Retry:
+                m.cleaner.step(10.0, 1e9, interrupt)
+        model[key] = value
+        if m.cleaner.wants_to_run():
+            before = m.cleaner.stats()
+            asked_before = asked
+            m.cleaner.step(10.0, 1e9, interrupt)
+            after = m.cleaner.stats()
+            finished = after.cleanings + after.compactions > before.cleanings + before.compactions
+            steps += 1
+            cut += m.cleaner.busy
+            assert asked > asked_before or not m.cleaner.last_step_work
+            assert m.cleaner.last_step_work <= max(batch, scan) + (commit if finished else 0)
+    stats = m.cleaner.stats()
+    assert steps > 100 and cut > 50  # passes really were cut into many one-unit steps
+    assert stats.cleanings > 0
+    assert (stats.compactions > 0) is compaction
+    _model_check(m, model)
+    assert sink.replay() == {(1, k): (v, m.read(1, k)[1]) for k, v in model.items()}
