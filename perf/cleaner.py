@@ -70,9 +70,16 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from attrs import define, field, frozen
 
 from perf import _args, _stats
+from perf._cleaner_server import (
+    QUICK_SERVER_SCALE,
+    SERVER_COLUMNS,
+    SERVER_SCALE,
+    server_section,
+)
 from perf._stats import Column, Row
 
 if TYPE_CHECKING:
@@ -93,7 +100,7 @@ UTILIZATIONS: tuple[int, ...] = (30, 50, 70, 80, 90)
 DISTRIBUTIONS: tuple[str, ...] = ("uniform", "zipfian")
 BUDGETS_S: tuple[float, ...] = (0.0002, 0.0005, 0.002)
 DEFAULT_BUDGET_S = 0.0005
-SECTIONS: tuple[str, ...] = ("sweep", "latency", "design")
+SECTIONS: tuple[str, ...] = ("sweep", "latency", "design", "server")
 LATENCY_SIZE = 100
 LATENCY_UTILIZATION = 90
 LATENCY_FALLBACKS: tuple[int, ...] = (90, 85, 80, 75, 70)
@@ -1253,6 +1260,13 @@ def render(rows: Sequence[Row]) -> str:
         [r for r in ok if r.get("part") == "ipc"],
         IPC_COLUMNS,
     )
+    section(
+        "End to end: a one-server cluster (R = 0) through KvClient; heavy = 10 multi-writes of "
+        "75 in flight, sequential = one write at a time; latency rows x = over the idle-cleaner "
+        "server, interleaved",
+        [r for r in ok if r.get("section") == "server"],
+        SERVER_COLUMNS,
+    )
     errors = [r for r in rows if "error" in r]
     if errors:
         parts += ["", "Errors"]
@@ -1348,6 +1362,9 @@ def run(args: argparse.Namespace) -> int:
         log("design: slice breakdown, IPC batches, separate-process prototype")
         rows.extend(design_section(scale, budget, latency_util, rate, args.seed, curves))
         add_latency_ratios(rows)
+    if "server" in args.sections:
+        server_scale = QUICK_SERVER_SCALE if args.quick else SERVER_SCALE
+        rows.extend(server_section(args.sizes, args.utilizations, server_scale, args.seed, log))
     print(render(rows))
     if args.json:
         path = Path(args.json)
@@ -1371,6 +1388,7 @@ def run(args: argparse.Namespace) -> int:
                 "bounds_s": {"warm": scale.warm_s, "measure": scale.measure_s},
                 "latency_writes": scale.latency_writes,
                 "sections": list(args.sections),
+                "server_scale": attrs.asdict(QUICK_SERVER_SCALE if args.quick else SERVER_SCALE),
                 "conclusion": CONCLUSION,
             },
         )
