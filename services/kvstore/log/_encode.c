@@ -1,4 +1,5 @@
-/* Object and tombstone entries encoded in place, in C (services.kvstore.log._encode).
+/* Object and tombstone entries encoded in place, in C (services.kvstore.log._encode), and the
+ * hash table's bucket scan (bucket_scan, at the end).
  *
  * Every write appends an object entry to the head segment, and every overwrite a tombstone
  * before it. The pure-Python encoders (services/kvstore/log/_entries.py: write_object_into and
@@ -379,6 +380,59 @@ crc32c(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromUnsignedLong(crc);
 }
 
+/* -- hash-table buckets -------------------------------------------------------------------- */
+
+#define BUCKET_ENTRIES 8
+#define HT_REF_BITS 47
+#define HT_REF_MASK ((UINT64_C(1) << HT_REF_BITS) - 1)
+#define HT_CHAIN_BIT (UINT64_C(1) << HT_REF_BITS)
+
+PyDoc_STRVAR(bucket_scan_doc,
+             "bucket_scan(area, entry, tag) -> int\n\n"
+             "Scan the hash-table bucket whose first entry is ``area[entry]`` (``area``: a buffer\n"
+             "of native u64 entries). Bit i of the result is set when entry i is in use and its\n"
+             "top 17 bits (secondary hash, chain bit) equal ``tag``; bits 8 and up hold the\n"
+             "bucket number a chain pointer in the last entry names (0: no chain). The pure twin\n"
+             "is services.kvstore.log._hashtable.bucket_scan.");
+
+static PyObject *
+bucket_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "bucket_scan(area, entry, tag)");
+        return NULL;
+    }
+    uint64_t entry, tag;
+    if (as_u64(args[1], &entry, "entry") < 0 || as_u64(args[2], &tag, "tag") < 0) {
+        return NULL;
+    }
+    Py_buffer area;
+    if (PyObject_GetBuffer(args[0], &area, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    uint64_t words = (uint64_t)area.len / 8;
+    if (entry > words || words - entry < BUCKET_ENTRIES) {
+        PyBuffer_Release(&area);
+        PyErr_SetString(PyExc_IndexError, "bucket out of range");
+        return NULL;
+    }
+    const unsigned char *base = (const unsigned char *)area.buf + entry * 8;
+    uint64_t mask = 0, last = 0;
+    for (int i = 0; i < BUCKET_ENTRIES; i++) {
+        uint64_t e;
+        memcpy(&e, base + 8 * i, 8);
+        if (e != 0 && (e >> HT_REF_BITS) == tag) {
+            mask |= UINT64_C(1) << i;
+        }
+        last = e;
+    }
+    PyBuffer_Release(&area);
+    if (last & HT_CHAIN_BIT) {
+        mask |= (last & HT_REF_MASK) << 8;
+    }
+    return PyLong_FromUnsignedLongLong(mask);
+}
+
 static PyObject *
 hardware_crc(PyObject *module, PyObject *unused)
 {
@@ -391,6 +445,7 @@ static PyMethodDef methods[] = {
     {"write_tombstone_into", (PyCFunction)(void (*)(void))write_tombstone_into, METH_FASTCALL,
      write_tombstone_into_doc},
     {"crc32c", (PyCFunction)(void (*)(void))crc32c, METH_FASTCALL, crc32c_doc},
+    {"bucket_scan", (PyCFunction)(void (*)(void))bucket_scan, METH_FASTCALL, bucket_scan_doc},
     {"hardware_crc", hardware_crc, METH_NOARGS,
      "hardware_crc() -> bool: whether CRC32C runs on the CPU's SSE4.2 instruction."},
     {NULL, NULL, 0, NULL},

@@ -12,10 +12,11 @@ them all would cost about half the main area again (W1: 1 MB beside a 2 MB main 
 only the few buckets over eight *now* need one. Unlinking moves no live entry, so slots stay
 valid.
 
-The entries live in numpy arrays (for the whole-table sweeps), but the per-request paths read a
-bucket with one ``struct.unpack_from`` into a tuple of Python ints and write single entries
-through a memoryview: numpy element access from Python costs ~100 ns per item, the tuple is
-searched in C (``in``, ``index``).
+The entries live in numpy arrays (for the whole-table sweeps), but the per-request paths scan a
+bucket with one C call (``_encode.bucket_scan``: a bitmask of the entries whose secondary hash
+matches, and the chain pointer) and read or write single entries through a memoryview: numpy
+element access from Python costs ~100 ns per item, and the pure twin's ``struct.unpack_from``
+into a tuple of eight Python ints cost about a microsecond per lookup.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from array import array
 
 import numpy as np
 
+from services.kvstore.log._entries import Buffer
 from services.kvstore.log._segments import IDX_AUX_BITS, anonymous_zeros
 
 ENTRIES_PER_BUCKET = 8
@@ -40,6 +42,29 @@ _CHAIN = np.uint64(CHAIN_BIT)
 # entry (references are nonzero and have no chain bit), whatever its secondary hash.
 _REF_FIELD = CHAIN_BIT | REF_MASK
 _REF_FIELD_NP = np.uint64(_REF_FIELD)
+_MATCHES = (1 << ENTRIES_PER_BUCKET) - 1
+
+
+def bucket_scan_py(area: Buffer, entry: int, tag: int) -> int:
+    """The bucket whose first entry is ``area[entry]``: bit i set when entry i is in use and its
+    top 17 bits (secondary hash and chain bit) equal ``tag``; bits 8 and up the bucket its
+    chain pointer names (0: none). Pure twin of ``_encode.bucket_scan``."""
+    row = _BUCKET.unpack_from(area, entry * 8)
+    mask = 0
+    for i in range(ENTRIES_PER_BUCKET):
+        e = row[i]
+        if e and e >> REF_BITS == tag:
+            mask |= 1 << i
+    last = row[_LAST]
+    if last & CHAIN_BIT:
+        mask |= (last & REF_MASK) << 8
+    return mask
+
+
+try:  # one C call per bucket (built with the compiled engine), else struct's tuple of ints
+    from services.kvstore.log._encode import bucket_scan
+except ImportError:
+    bucket_scan = bucket_scan_py
 
 
 class HashTable:
@@ -92,18 +117,20 @@ class HashTable:
     def lookup(self, key_hash: int) -> list[int]:
         """References whose secondary hash matches ``key_hash``; the caller compares keys."""
         tag = key_hash >> 48 << 1  # compared with e >> 47: chain pointers (bit 47) never match
-        row = _BUCKET.unpack_from(self._main_mv, (key_hash & self._mask) * BUCKET_BYTES)
+        area = self._main_mv
+        first = (key_hash & self._mask) * ENTRIES_PER_BUCKET
         out: list[int] = []
         while True:
-            # A plain loop: faster than a comprehension here (no function object per call).
-            for e in row:
-                if e and e >> REF_BITS == tag:
-                    out.append(e & REF_MASK)
-            last = row[_LAST]
-            if not last & CHAIN_BIT:
+            found = bucket_scan(area, first, tag)
+            matches = found & _MATCHES
+            while matches:
+                low = matches & -matches
+                out.append(area[first + low.bit_length() - 1] & REF_MASK)
+                matches ^= low
+            chain = found >> 8
+            if not chain:
                 return out
-            mv, first = self._area(last & REF_MASK)
-            row = _BUCKET.unpack_from(mv, first * 8)
+            area, first = self._area(chain)
 
     def candidates(self, key_hash: int) -> list[tuple[int, int]]:
         """Like :meth:`lookup`, as ``(reference, slot)`` pairs.
@@ -113,20 +140,23 @@ class HashTable:
         between may move entries and invalidates it.
         """
         tag = key_hash >> 48 << 1
-        first = (key_hash & self._mask) * ENTRIES_PER_BUCKET
-        row = _BUCKET.unpack_from(self._main_mv, first * 8)
+        bucket = key_hash & self._mask
+        area = self._main_mv
+        first = bucket * ENTRIES_PER_BUCKET
         out: list[tuple[int, int]] = []
         while True:
-            for e in row:
-                if e and e >> REF_BITS == tag:
-                    out.append((e & REF_MASK, first + row.index(e)))
-            last = row[_LAST]
-            if not last & CHAIN_BIT:
+            found = bucket_scan(area, first, tag)
+            matches = found & _MATCHES
+            while matches:
+                low = matches & -matches
+                i = low.bit_length() - 1
+                # slots number main and overflow entries alike: bucket * 8 + i
+                out.append((area[first + i] & REF_MASK, bucket * ENTRIES_PER_BUCKET + i))
+                matches ^= low
+            bucket = found >> 8
+            if not bucket:
                 return out
-            bucket = last & REF_MASK
-            first = bucket * ENTRIES_PER_BUCKET  # slots number main and overflow entries alike
-            mv, start = self._area(bucket)
-            row = _BUCKET.unpack_from(mv, start * 8)
+            area, first = self._area(bucket)
 
     def set_slot(self, slot: int, key_hash: int, ref: int) -> None:
         """Point the entry at ``slot`` (from :meth:`candidates`) at ``ref``."""

@@ -6,12 +6,17 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from services.kvstore.log import HashTable
-from services.kvstore.log._hashtable import CHAIN_BIT, ENTRIES_PER_BUCKET, REF_MASK
+from services.kvstore.log._hashtable import (
+    CHAIN_BIT,
+    ENTRIES_PER_BUCKET,
+    REF_MASK,
+    bucket_scan_py,
+)
 from services.kvstore.log._segments import IDX_AUX_BITS, IDX_AUX_MASK
 
 
@@ -226,3 +231,46 @@ def test_buckets_must_be_named_by_the_hash_bits_the_entry_index_keeps() -> None:
     """The cleaner finds entries from IDX_AUX_BITS of key hash: a bigger table is refused."""
     with pytest.raises(ValueError, match="bucket index"):
         HashTable(1 << (IDX_AUX_BITS + 1))
+
+
+_entry = st.one_of(
+    st.just(0),
+    st.integers(1, REF_MASK),  # a reference with tag 0
+    st.builds(lambda tag, ref: tag << 48 | ref, st.integers(0, 0xFFFF), st.integers(1, REF_MASK)),
+    st.builds(lambda b: CHAIN_BIT | b, st.integers(1, 1 << 20)),  # a chain pointer
+    st.integers(0, (1 << 64) - 1),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_entry, min_size=8, max_size=24),
+    st.integers(0, 16),
+    st.one_of(st.integers(0, 0xFFFF).map(lambda t: t << 1), st.integers(0, (1 << 17) - 1)),
+)
+def test_bucket_scan_in_c_matches_its_pure_twin(entries: list[int], entry: int, tag: int) -> None:
+    encode = pytest.importorskip("services.kvstore.log._encode")
+    area = np.array(entries, dtype=np.uint64).data
+    if entry + ENTRIES_PER_BUCKET > len(entries):
+        with pytest.raises(IndexError):
+            encode.bucket_scan(area, entry, tag)
+        return
+    got = encode.bucket_scan(area, entry, tag)
+    assert got == bucket_scan_py(area, entry, tag)
+    row = entries[entry : entry + ENTRIES_PER_BUCKET]
+    assert got & 0xFF == sum(1 << i for i, e in enumerate(row) if e and e >> 47 == tag)
+    assert got >> 8 == (row[-1] & REF_MASK if row[-1] & CHAIN_BIT else 0)
+
+
+def test_bucket_scan_rejects_bad_arguments() -> None:
+    encode = pytest.importorskip("services.kvstore.log._encode")
+    area = np.zeros(8, dtype=np.uint64).data
+    assert encode.bucket_scan(area, 0, 0) == 0
+    with pytest.raises(IndexError):
+        encode.bucket_scan(area, 1, 0)
+    with pytest.raises(OverflowError):
+        encode.bucket_scan(area, -1, 0)
+    with pytest.raises(TypeError):
+        encode.bucket_scan(area, 0)
+    with pytest.raises(TypeError):
+        encode.bucket_scan(12, 0, 0)
