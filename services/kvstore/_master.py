@@ -403,9 +403,10 @@ async def run_cleaner(
     as soon as any input of this process's dispatcher is waiting, after the unit of cleaning
     work under way (tens of microseconds; units are smaller then): many requests wait a
     little. Measured end to end (``rpcfast-perf cleaner --sections server``, 100-byte writes
-    at 90%, one client): whole slices kept the median within 1-2% of an idle cleaner's with
-    p99 5-6x; yielding slices cut p99 to 0.4-5x but moved the median 2-12%, and under heavy
-    load their one unit per loop let the cleaner fall behind (writes got Retry even at 30%).
+    at 90%, one client, six runs): whole slices gave a median 1.01-1.23x an idle cleaner's
+    (three runs within 2%) and p99 1.3-6x; yielding slices cut p99 in most runs (0.4-3.5x)
+    but gave a median 1.02-1.24x, and under heavy load their one unit per loop let the
+    cleaner fall behind (writes got Retry even at 30%).
 
     With nothing to do it looks again after ``idle_check``, and while the log does not change
     (no seglet allocated or freed, no segment added or retired) ever less often, up to
