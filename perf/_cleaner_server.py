@@ -5,11 +5,12 @@ measures what a client sees: a real one-server cluster (``rpcfast-kv``'s coordin
 storage server as child processes, R = 0, loopback UDP), loaded through :class:`KvClient`,
 whose server runs the cleaner as it always does, in cooperative slices between requests.
 
-For each object size and utilisation, a fresh server with a log of ``--server-memory-mb``
-(small segments and seglets, two survivor segments reserved and a 98% write limit, so that 90%
-of the log can hold live objects) is filled with sequential keys to the utilisation (live log
-bytes over log memory), then overwritten with uniform keys until the log has turned over
-(``warm_factor`` times its memory, bounded in time). Then, each bounded in count and time:
+For each object size and utilisation, a fresh server with a log of ``SERVER_SCALE.memory_mb``
+(32 MB; 4 MB with ``--quick``; small segments and seglets, two survivor segments reserved and
+a 98% write limit, so that 90% of the log can hold live objects) is filled with sequential keys
+to the utilisation (live log bytes over log memory), then overwritten with uniform keys until
+the log has turned over (``warm_factor`` times its memory, bounded in time). Then, each bounded
+in count and time:
 
 * ``heavy`` (the paper's stress load): ``HEAVY_OUTSTANDING`` multi-writes of ``HEAVY_BATCH``
   objects in flight at once; objects written per second.
@@ -17,8 +18,10 @@ bytes over log memory), then overwritten with uniform keys until the log has tur
   writes per second and the latency quantiles.
 
 ``vs30%`` is the throughput over the same size and mode at 30%. The latency rows (Figure 9)
-compare the sequential 100-byte writes at 90% with the same writes against a server whose log is
-so large that its cleaner never runs (``cleaner_ran`` says whether it did). ``copied/new`` is
+compare sequential 100-byte writes at 90%, on a server with whole cleaner slices and on one whose
+slices yield to waiting requests, with the same writes against a server whose log is so large
+that its cleaner never runs (``cleaner_ran`` says whether it did): all three are up at once and
+take the writes in interleaved blocks, so the host's drift lands on each alike. ``copied/new`` is
 what the server's cleaner relocated per new object byte in the window, read from its
 statistics.
 """
