@@ -6,7 +6,7 @@ storage server as child processes, R = 0, loopback UDP), loaded through :class:`
 whose server runs the cleaner as it always does, in cooperative slices between requests.
 
 For each object size and utilisation, a fresh server with a log of ``SERVER_SCALE.memory_mb``
-(32 MB; 4 MB with ``--quick``; small segments and seglets, two survivor segments reserved and
+(32 MB; 8 MB with ``--quick``; small segments and seglets, two survivor segments reserved and
 a 98% write limit, so that 90% of the log can hold live objects) is filled with sequential keys
 to the utilisation (live log bytes over log memory), then overwritten with uniform keys until
 the log has turned over (``warm_factor`` times its memory, bounded in time). Then, each bounded
@@ -50,7 +50,8 @@ NO_CLEANER_FACTOR = 8  # the idle-cleaner server's log, as a multiple of the mea
 LATENCY_SIZE = 100
 LATENCY_UTILIZATION = 90
 KV_TIMEOUT_S = 30.0
-SETTLE_S = 0.1  # pause after each interleaved block: the cleaner it left behind finishes first
+SETTLE_S = 0.05  # after an interleaved block, until the server's cleaner stops for this long
+SETTLE_MAX_S = 5.0
 
 
 @frozen
@@ -69,7 +70,7 @@ class ServerScale:
 
 
 SERVER_SCALE = ServerScale(32, 256, 8, 1.5, 40.0, 400_000, 6.0, 40_000, 6.0)
-QUICK_SERVER_SCALE = ServerScale(4, 64, 4, 0.3, 3.0, 5_000, 1.0, 1_000, 1.0)
+QUICK_SERVER_SCALE = ServerScale(8, 64, 4, 0.3, 5.0, 5_000, 1.0, 1_000, 1.0)
 
 
 def entry_bytes(size: int) -> int:
@@ -180,6 +181,24 @@ async def _sequential(
             truncated = True
             break
     return _Window(len(samples), perf() - start, samples, truncated)
+
+
+async def _settle(address: str) -> None:
+    """Wait (up to ``SETTLE_MAX_S``) until the server's cleaner has relocated nothing and
+    finished no pass for ``SETTLE_S``: after a block of writes it may still be catching up."""
+    import trio
+
+    deadline = time.monotonic() + SETTLE_MAX_S
+    last = _cleaner_delta(await _server_stats(address), {"memory": {"cleaner": _ZERO}})
+    while time.monotonic() < deadline:
+        await trio.sleep(SETTLE_S)
+        now = _cleaner_delta(await _server_stats(address), {"memory": {"cleaner": _ZERO}})
+        if now == last:
+            return
+        last = now
+
+
+_ZERO = {"bytes_relocated": 0, "compactions": 0, "cleanings": 0}
 
 
 def _cleaner_delta(before: dict[str, Any], after: dict[str, Any]) -> tuple[int, int]:
@@ -352,8 +371,6 @@ async def _interleaved(clusters: _Clusters, seed: int, blocks: int) -> list[Row]
     (this host is shared) lands on all of them alike."""
     import contextlib
 
-    import trio
-
     import rpcfast
     import rpcfast.dispatch
     from services.kvstore import KvClient
@@ -383,7 +400,7 @@ async def _interleaved(clusters: _Clusters, seed: int, blocks: int) -> list[Row]
                     old.truncated or win.truncated,
                 )
                 # a cleaner catching up must not run beside the next server's block
-                await trio.sleep(SETTLE_S)
+                await _settle(target.address)
         return [
             t.row("sequential", w, s0, await _server_stats(t.address))
             for t, w, s0 in zip(targets, windows, before, strict=True)

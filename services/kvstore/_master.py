@@ -403,7 +403,7 @@ async def run_cleaner(
     as soon as any input of this process's dispatcher is waiting, after the unit of cleaning
     work under way (tens of microseconds; units are smaller then): many requests wait a
     little. Measured end to end (``rpcfast-perf cleaner --sections server``, 100-byte writes
-    at 90%, one client, six runs): whole slices gave a median 1.01-1.23x an idle cleaner's
+    at 90%, one client, seven runs): whole slices gave a median 1.01-1.23x an idle cleaner's
     (three runs within 2%) and p99 1.3-6x; yielding slices cut p99 in most runs (0.4-3.5x)
     but gave a median 1.02-1.24x, and under heavy load their one unit per loop let the
     cleaner fall behind (writes got Retry even at 30%).
