@@ -161,6 +161,9 @@ class StorageConfig:
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.cleaner_reserve_segments is not None and self.cleaner_reserve_segments < 1:
+            # combined cleaning writes its survivors there: without one it can wedge a full log
+            raise ValueError("cleaner_reserve_segments must be at least 1")
         if self.segment_size % self.seglet_size:
             raise ValueError("segment_size must be a multiple of seglet_size")
         if self.segment_size > 1 << OFFSET_BITS:

@@ -153,6 +153,10 @@ def test_storage_flags_reach_the_engine_and_bad_sizes_fail_before_serving(
     # a seglet that does not divide the segment: a clear error, no server, no traceback
     assert main(["server", "--coordinator", "udp://127.0.0.1:1", "--seglet-kb", "3"]) == 2
     assert "segment_size must be a multiple of seglet_size" in capsys.readouterr().err
+    assert main(["server", "--coordinator", "udp://127.0.0.1:1", "--cleaner-reserve", "0"]) == 2
+    assert "cleaner_reserve_segments must be at least 1" in capsys.readouterr().err
+    assert main(["server", "--coordinator", "udp://127.0.0.1:1", "--write-limit", "1.5"]) == 2
+    assert "write_limit" in capsys.readouterr().err
 
 
 def test_restarted_coordinator_resumes_tables(tmp_path: Path) -> None:

@@ -208,6 +208,8 @@ def test_tombstone_for_a_segment_already_gone_is_dead_on_arrival() -> None:
         {"write_limit": 0.0},
         {"disk_expansion_factor": 0.5},
         {"seglet_size": 0},
+        {"cleaner_reserve_segments": 0},
+        {"cleaner_reserve_segments": -1},
         # 64k seglets of 4 KiB: their log digest (8 bytes each) would not fit in a segment
         {"total_bytes": 256 << 20, "segment_size": 64 << 10, "seglet_size": 4 << 10},
     ],
