@@ -28,7 +28,6 @@ statistics.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -189,38 +188,24 @@ async def _settle(address: str) -> None:
     import trio
 
     deadline = time.monotonic() + SETTLE_MAX_S
-    last = _cleaner_delta(await _server_stats(address), {"memory": {"cleaner": _ZERO}})
+    last = _cleaner_totals(await _server_stats(address))
     while time.monotonic() < deadline:
         await trio.sleep(SETTLE_S)
-        now = _cleaner_delta(await _server_stats(address), {"memory": {"cleaner": _ZERO}})
+        now = _cleaner_totals(await _server_stats(address))
         if now == last:
             return
         last = now
 
 
-_ZERO = {"bytes_relocated": 0, "compactions": 0, "cleanings": 0}
+def _cleaner_totals(stats: dict[str, Any]) -> tuple[int, int]:
+    """Bytes the server's cleaner has relocated and the passes it has finished, so far."""
+    c = stats["memory"]["cleaner"]
+    return int(c["bytes_relocated"]), int(c["compactions"]) + int(c["cleanings"])
 
 
 def _cleaner_delta(before: dict[str, Any], after: dict[str, Any]) -> tuple[int, int]:
-    b, a = before["memory"]["cleaner"], after["memory"]["cleaner"]
-    return (
-        int(a["bytes_relocated"]) - int(b["bytes_relocated"]),
-        int(a["compactions"] + a["cleanings"]) - int(b["compactions"] + b["cleanings"]),
-    )
-
-
-def _quantiles(samples: Sequence[float]) -> Row:
-    ordered = sorted(samples)
-    if not ordered:
-        return {}
-    return {
-        "median_us": _stats.summarize(ordered).median_s * 1e6,
-        "p90_us": _stats.percentile(ordered, 90) * 1e6,
-        "p99_us": _stats.percentile(ordered, 99) * 1e6,
-        "p999_us": _stats.percentile(ordered, 99.9) * 1e6,
-        "max_us": ordered[-1] * 1e6,
-        "mean_us": math.fsum(ordered) / len(ordered) * 1e6,
-    }
+    (b_bytes, b_passes), (a_bytes, a_passes) = _cleaner_totals(before), _cleaner_totals(after)
+    return a_bytes - b_bytes, a_passes - b_passes
 
 
 @frozen
@@ -233,6 +218,15 @@ class ServerSpec:
     interruptible: bool
     label: str
     reference: bool = False  # the idle-cleaner server the latency rows are compared with
+
+    def fields(self) -> Row:
+        """What every row about this server says of it."""
+        return {
+            "object_bytes": self.size,
+            "utilization_target": self.utilization,
+            "log": self.label,
+            "slices": "yield" if self.interruptible else "whole",
+        }
 
 
 class _Loaded:
@@ -282,10 +276,7 @@ class _Loaded:
         return {
             "section": "server",
             "mode": mode,
-            "object_bytes": spec.size,
-            "utilization_target": spec.utilization,
-            "log": spec.label,
-            "slices": "yield" if spec.interruptible else "whole",
+            **spec.fields(),
             "reference": int(spec.reference),
             "objects": self.objects,
             "utilization": memory["live_bytes"] / memory["total_bytes"],
@@ -298,7 +289,7 @@ class _Loaded:
             "stalls": int(memory["retries"]) - int(s0["memory"]["retries"]),
             "warm_writes": self.warm.objects,
             "truncated": int(self.warm.truncated or win.truncated),
-            **_quantiles(win.samples),
+            **(_stats.quantiles_us(win.samples) if win.samples else {}),
         }
 
 
@@ -412,10 +403,7 @@ def _error_rows(specs: Sequence[ServerSpec], modes: Sequence[str], exc: Exceptio
         {
             "section": "server",
             "mode": mode,
-            "object_bytes": spec.size,
-            "utilization_target": spec.utilization,
-            "log": spec.label,
-            "slices": "yield" if spec.interruptible else "whole",
+            **spec.fields(),
             "error": f"{type(exc).__name__}: {exc}",
         }
         for spec in specs

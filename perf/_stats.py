@@ -57,6 +57,23 @@ def percentile(sorted_samples: Sequence[float], q: float) -> float:
     return sorted_samples[rank - 1]
 
 
+def quantiles_us(samples: Sequence[float]) -> dict[str, float | int]:
+    """Count, median, p90, p99, p99.9, max and mean of times in seconds, as ``*_us`` fields
+    (just ``count`` 0 when there are none): the latency columns of a benchmark row."""
+    ordered = sorted(samples)
+    if not ordered:
+        return {"count": 0}
+    return {
+        "count": len(ordered),
+        "median_us": statistics.median(ordered) * 1e6,
+        "p90_us": percentile(ordered, 90) * 1e6,
+        "p99_us": percentile(ordered, 99) * 1e6,
+        "p999_us": percentile(ordered, 99.9) * 1e6,
+        "max_us": ordered[-1] * 1e6,
+        "mean_us": math.fsum(ordered) / len(ordered) * 1e6,
+    }
+
+
 def summarize(samples: Sequence[float]) -> Summary:
     """Summarise per-operation times in seconds; raises ``ValueError`` when there are none."""
     if not samples:

@@ -79,7 +79,6 @@ Conclusion (``rpcfast-perf cleaner --json cleaner.json``, 16 MiB log, 2-core sha
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import os
 import random
@@ -503,21 +502,6 @@ def add_relative_throughput(rows: list[Row]) -> None:
 # -- latency (Figure 9) --------------------------------------------------------------------------
 
 
-def _quantiles_us(samples: Sequence[float]) -> Row:
-    ordered = sorted(samples)
-    if not ordered:
-        return {"count": 0}
-    return {
-        "count": len(ordered),
-        "median_us": _stats.summarize(ordered).median_s * 1e6,
-        "p90_us": _stats.percentile(ordered, 90) * 1e6,
-        "p99_us": _stats.percentile(ordered, 99) * 1e6,
-        "p999_us": _stats.percentile(ordered, 99.9) * 1e6,
-        "max_us": ordered[-1] * 1e6,
-        "mean_us": math.fsum(ordered) / len(ordered) * 1e6,
-    }
-
-
 @define
 class Curves:
     """Latency samples by label, for the CDF plot."""
@@ -630,7 +614,7 @@ def latency_section(
                 "cleaner_time_fraction": closed.cleaner_s / closed.seconds,
                 "cleaner_ran": int(s1.bytes_relocated != s0.bytes_relocated),
                 "stalls": closed.stalls,
-                **_quantiles_us(closed.loop_samples),
+                **_stats.quantiles_us(closed.loop_samples),
                 "write_only_median_us": _stats.summarize(closed.write_samples).median_s * 1e6,
             }
         )
@@ -670,7 +654,7 @@ def latency_section(
                 "cleaner_time_fraction": win.cleaner_s / win.seconds,
                 "cleaner_ran": int(s1.bytes_relocated != s0.bytes_relocated),
                 "stalls": win.stalls,
-                **_quantiles_us(win.write_samples),
+                **_stats.quantiles_us(win.write_samples),
             }
         )
     add_latency_ratios(rows)
@@ -1005,7 +989,7 @@ def prototype(
                 "relocations_per_write": closed_applied / max(1, closed.writes),
                 "throttled_fraction": closed_throttled / closed.seconds,
                 "target_relocations_per_write": relocs_per_write,
-                **_quantiles_us(closed.loop_samples),
+                **_stats.quantiles_us(closed.loop_samples),
             }
         )
         offered = rate if rate is not None else 0.5 * closed_rate
@@ -1032,7 +1016,7 @@ def prototype(
                 "relocations_per_write": (counters["applied"] - before) / max(1, opened.writes),
                 "throttled_fraction": (throttled["s"] - closed_throttled) / opened.seconds,
                 "target_relocations_per_write": relocs_per_write,
-                **_quantiles_us(opened.write_samples),
+                **_stats.quantiles_us(opened.write_samples),
             }
         )
     finally:
