@@ -23,6 +23,9 @@ On a machine with fewer free cores than busy processes, spinning decides the num
 servers' dispatcher spin budget (``--spin-us``, a list sweeps it), the client's
 (``--client-spin-us``), and whether all of them stop spinning after 50 us while the machine is
 oversubscribed (``--park-when-busy``, on by default; ``--no-park-when-busy`` for the old policy).
+``--share-cpu`` replaces the parking with ``sched_yield`` on every idle spin: nobody sleeps, so
+no message waits for a wake-up (on this VM a halted core takes ~40 us to wake; see
+rpcfast/dispatch/_dispatcher.py), and a process with work gets a core from a spinner at once.
 """
 
 from __future__ import annotations
@@ -138,6 +141,15 @@ class Config:
     park_when_busy: bool = True
     """Servers and the benchmark client spin politely on an oversubscribed machine
     (``DispatchConfig.park_when_busy``)."""
+    share_cpu: bool = False
+    """Servers and the benchmark client call ``sched_yield`` on idle spins and never park
+    early (``DispatchConfig.share_cpu``; ``park_when_busy`` off)."""
+
+    @property
+    def parks_when_busy(self) -> bool:
+        """``park_when_busy`` as it applies: a yielding spinner counts as runnable, so the
+        two do not mix."""
+        return self.park_when_busy and not self.share_cpu
 
 
 @frozen
@@ -438,15 +450,19 @@ def _kv_context(spec: ClusterSpec, via: str = "KvClient") -> dict[str, Value]:
     return _context(via, spec.replicas, spec.durability, spec.spin_us, spec.servers)
 
 
-def client_dispatch_config(client_spin_us: float | None, park_when_busy: bool = False) -> Any:
+def client_dispatch_config(
+    client_spin_us: float | None, park_when_busy: bool = False, share_cpu: bool = False
+) -> Any:
     """The client's ``DispatchConfig``: rpcfast's defaults, or both spins set to the value;
-    ``park_when_busy`` as given."""
+    ``park_when_busy`` and ``share_cpu`` as given."""
     import rpcfast
 
     if client_spin_us is None:
-        return rpcfast.DispatchConfig(park_when_busy=park_when_busy)
+        return rpcfast.DispatchConfig(park_when_busy=park_when_busy, share_cpu=share_cpu)
     spin = client_spin_us / 1e6
-    return rpcfast.DispatchConfig(spin_budget=spin, call_spin=spin, park_when_busy=park_when_busy)
+    return rpcfast.DispatchConfig(
+        spin_budget=spin, call_spin=spin, park_when_busy=park_when_busy, share_cpu=share_cpu
+    )
 
 
 def planned_kv_ops(spec: ClusterSpec, config: Config) -> list[tuple[str, str, int]]:
@@ -610,7 +626,9 @@ async def _measure_cluster(
 
     kv_capnp: Any = rpcfast.load_schema("kvstore.capnp")
     # The first use in this trio run creates the dispatcher, with this configuration.
-    rpcfast.dispatch.current(client_dispatch_config(config.client_spin_us, config.park_when_busy))
+    rpcfast.dispatch.current(
+        client_dispatch_config(config.client_spin_us, config.parks_when_busy, config.share_cpu)
+    )
     async with await KvClient.open(
         coordinator=coordinator, timeout=KV_TIMEOUT_S, rpc_timeout=KV_RPC_TIMEOUT_S
     ) as kv:
@@ -646,7 +664,8 @@ def run_kvstore(config: Config, log: Log = _quiet) -> list[Row]:
                 spec.durability,
                 spin_us=spec.spin_us,
                 segment_kb=config.segment_kb,
-                park_when_busy=config.park_when_busy,
+                park_when_busy=config.parks_when_busy,
+                share_cpu=config.share_cpu,
             )
             try:
                 cluster.start(progress=lambda line: log(f"  {line}"))
@@ -1106,6 +1125,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "threads are runnable than cores (default: on)",
     )
     parser.add_argument(
+        "--share-cpu",
+        action="store_true",
+        help="kvstore servers and the client hand their core to any runnable process on every "
+        "idle spin (sched_yield) instead of parking while busy; pair with a long --spin-us "
+        "and --client-spin-us (e.g. 5000)",
+    )
+    parser.add_argument(
         "--iterations",
         type=_args.positive_int,
         help=f"at most this many timed operations per measurement (default {DEFAULT_ITERATIONS})",
@@ -1165,6 +1191,7 @@ def run(args: argparse.Namespace) -> int:
         directory=args.dir,
         client_spin_us=args.client_spin_us,
         park_when_busy=args.park_when_busy,
+        share_cpu=args.share_cpu,
     )
 
     def log(line: str) -> None:
@@ -1173,7 +1200,9 @@ def run(args: argparse.Namespace) -> int:
     rows = run_benchmarks(config, log)
     print(render(rows))
     if args.json:
-        client = client_dispatch_config(config.client_spin_us, config.park_when_busy)
+        client = client_dispatch_config(
+            config.client_spin_us, config.parks_when_busy, config.share_cpu
+        )
         data_dir = config.directory or tempfile.gettempdir()
         _stats.write_json(
             args.json,
@@ -1194,7 +1223,8 @@ def run(args: argparse.Namespace) -> int:
                 "fsync_cluster": config.fsync,
                 "client_call_spin_us": client.call_spin * 1e6,
                 "client_idle_spin_us": client.spin_budget * 1e6,
-                "park_when_busy": config.park_when_busy,
+                "park_when_busy": config.parks_when_busy,
+                "share_cpu": config.share_cpu,
                 "data_dir_filesystem": filesystem_of(data_dir),
                 "redis_server": _binary_version("redis-server", "--version"),
                 "memcached": _binary_version("memcached", "-V"),

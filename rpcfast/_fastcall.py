@@ -198,7 +198,7 @@ class Caller:
             # which parks on an oversubscribed machine and runs timers)
             c_until = 0.0
             transports = poller.transports
-            if len(transports) == 1 and transports[0] is udp:
+            if len(transports) == 1 and transports[0] is udp and not poller.share_cpu:
                 c_until = start + min(poller.busy_spin, _C_POLL_MAX)
                 if c_until > spin_until:
                     c_until = spin_until

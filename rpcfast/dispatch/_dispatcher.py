@@ -13,6 +13,11 @@ next transport timer. A task waiting for its own response sleeps in the kernel t
 
 Measured on this 2-core VM (see DESIGN.md section 3): a sleeping wake-up costs ~40 us and a trio
 checkpoint ~4 us, against ~1 us for a non-blocking receive that finds nothing. Hence the spin.
+Most of that wake-up is the VM's: it halts an idle vCPU (``haltpoll`` with guest polling off),
+and waking a halted vCPU takes an IPI through the host. Two blocking Python processes
+ping-ponging a UDP datagram take 18 us a round trip pinned to one core and 67-95 us on two
+(25-31 us of CPU a round trip each instead of 10); a busy low-priority spinner on each core
+(keeping them out of halt) brings the two-core case to 36 us.
 
 Spinning pays only while there is a core to spare. With ``park_when_busy`` the loop watches the
 machine's runnable count and, while it exceeds the cores, stops spinning after ``busy_spin``: a
@@ -57,7 +62,15 @@ class DispatchConfig:
     """Seconds a caller drives the loop inline while waiting for its own response."""
     share_cpu: bool = False
     """Call ``sched_yield`` on idle spins, so a spinning process gives its core to any other
-    runnable process (a 2-core machine running client, master and backups) at ~0.3 us a spin."""
+    runnable process (a 2-core machine running client, master and backups) at ~0.3 us a spin.
+    Callers spinning inline (``poll_once``) yield too, and a lone UDP client skips its C poll
+    of the call's socket (it cannot yield). Pair it with a long ``spin_budget`` and
+    ``park_when_busy`` off (yielding spinners count as runnable): nobody sleeps, so no message
+    waits for a wake-up. On this 2-core VM (perf/kv.py ``--share-cpu``, interleaved runs) an
+    R=1 write took 73-129 us against 238-308 us with ``park_when_busy``; with R=3 (five busy
+    processes) the kernel's fair scheduler lets a yielder keep its core for tens of us: R=3
+    writes took 418-436 us against 407-701 us, and R=3 multi-writes were slower. Off by
+    default."""
     gap_warning: float = 0.010
     """A stretch longer than this between two polls is logged (something hogged the loop)."""
     park_when_busy: bool = False

@@ -161,6 +161,8 @@ class Poller:
         if worked:
             self.idle_since = math.inf
         else:
+            if self.share_cpu:
+                os.sched_yield()
             load = self.load
             if load is not None:
                 now = self.last_poll

@@ -67,6 +67,12 @@ class ServerConfig:
     write needs the master and three backups to run in turn, and an idle spinner keeps them
     waiting (measured in perf/kv.py: R=3 writes about half as long)."""
     busy_spin: float = 0.00005
+    share_cpu: bool = False
+    """Idle spins call ``sched_yield`` (``DispatchConfig.share_cpu``): every process of a local
+    cluster keeps spinning and hands its core to any other that is runnable, so no message
+    waits for a sleeping process to be woken (~40 us on this VM when the wakee's core is
+    halted). Use with a long ``spin_budget`` and ``park_when_busy`` off (perf/kv.py:
+    ``--share-cpu``)."""
 
     def storage_config(self) -> StorageConfig:
         """The master's engine configuration; raises ValueError for sizes that do not fit."""
@@ -185,7 +191,13 @@ class StorageServer:
         if self.backup_store is not None:
             out["backup"] = attrs.asdict(self.backup_store.stats())
         # parks, busy parks, inline waits: how the spin policy behaves on this machine
-        out["dispatch"] = attrs.asdict(rpcfast.dispatch.current().stats)
+        dispatcher = rpcfast.dispatch.current()
+        out["dispatch"] = attrs.asdict(dispatcher.stats)
+        out["dispatch"]["policy"] = {
+            "spin_us": dispatcher.config.spin_budget * 1e6,
+            "park_when_busy": dispatcher.config.park_when_busy,
+            "share_cpu": dispatcher.config.share_cpu,
+        }
         return out
 
     async def run(
@@ -197,6 +209,7 @@ class StorageServer:
                 spin_budget=cfg.spin_budget,
                 park_when_busy=cfg.park_when_busy,
                 busy_spin=cfg.busy_spin,
+                share_cpu=cfg.share_cpu,
             )
         )
         os.makedirs(cfg.data_dir, exist_ok=True)

@@ -71,6 +71,7 @@ def _server(args: argparse.Namespace) -> int:
         spin_budget=args.spin_us / 1e6,
         park_when_busy=args.park_when_busy,
         busy_spin=args.busy_spin_us / 1e6,
+        share_cpu=args.share_cpu,
     )
     try:
         config.storage_config()
@@ -155,7 +156,9 @@ class LocalCluster:
         write_limit: float = 0.95,
         prefault: bool = False,
         cleaner_interruptible: bool = False,
+        share_cpu: bool = False,
     ):
+        self.share_cpu = share_cpu
         self.cleaner_interruptible = cleaner_interruptible
         self.seglet_kb = seglet_kb
         self.cleaner_reserve = cleaner_reserve
@@ -231,6 +234,7 @@ class LocalCluster:
                     "--busy-spin-us",
                     str(self.busy_spin_us),
                     "--park-when-busy" if self.park_when_busy else "--no-park-when-busy",
+                    "--share-cpu" if self.share_cpu else "--no-share-cpu",
                     *self._storage_args(),
                 ]
             )
@@ -284,6 +288,7 @@ def _cluster(args: argparse.Namespace) -> int:
         args.write_limit,
         args.prefault,
         args.cleaner_interruptible,
+        args.share_cpu,
     )
     # SIGTERM (kill, systemd, a terminal closing) stops the cluster as Ctrl-C does: the
     # servers, then the coordinator, then this process
@@ -556,6 +561,13 @@ def _add_busy_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=50,
         help="idle spin before parking while oversubscribed",
+    )
+    p.add_argument(
+        "--share-cpu",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="idle spins hand the core to any other runnable process (sched_yield); pair "
+        "with a long --spin-us and --no-park-when-busy (default: off)",
     )
 
 

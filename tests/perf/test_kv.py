@@ -162,6 +162,18 @@ def test_park_when_busy_is_on_unless_turned_off() -> None:
     assert not parser.parse_args(["kv", "--no-park-when-busy"]).park_when_busy
 
 
+def test_sharing_cpus_turns_parking_off_for_servers_and_client() -> None:
+    parser = cli.build_parser({"kv": "perf.kv"})
+    assert not parser.parse_args(["kv"]).share_cpu
+    assert parser.parse_args(["kv", "--share-cpu"]).share_cpu
+    assert _config().parks_when_busy
+    config = _config(share_cpu=True)
+    assert config.park_when_busy and not config.parks_when_busy
+    client = kv.client_dispatch_config(5000.0, config.parks_when_busy, config.share_cpu)
+    assert client.share_cpu and not client.park_when_busy
+    assert kv.client_dispatch_config(None, False, True).share_cpu
+
+
 @pytest.mark.parametrize(
     "argv",
     [

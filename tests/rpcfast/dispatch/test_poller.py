@@ -124,3 +124,24 @@ def test_input_waiting_sees_input_that_no_fd_announces() -> None:
         assert p.input_waiting()
     finally:
         p.close()
+
+
+@pytest.mark.parametrize("share_cpu", [False, True])
+def test_sharing_loop_hands_its_core_over_on_idle_spins_only(
+    monkeypatch: pytest.MonkeyPatch, share_cpu: bool
+) -> None:
+    yields: list[int] = []
+    monkeypatch.setattr("os.sched_yield", lambda: yields.append(1))
+    source = Source(work=3)
+    p = poller(source, spin_budget=0.0, yield_interval=10.0, share_cpu=share_cpu)
+    p.resumed(True)
+    assert p.spin() == PARK
+    spin_yields = len(yields)
+    assert (spin_yields >= 1) is share_cpu
+    assert spin_yields <= source.polls - 3  # never after a poll that found work
+    # a caller spinning inline on poll_once: the same rule
+    source.work = 1
+    assert p.poll_once() is True
+    assert len(yields) == spin_yields
+    assert p.poll_once() is False
+    assert len(yields) == spin_yields + share_cpu

@@ -210,6 +210,33 @@ async def test_a_client_with_nothing_else_to_poll_takes_responses_in_c() -> None
                 pipe.close()
 
 
+async def test_a_sharing_client_spins_in_the_poller_loop_not_in_c() -> None:
+    """With ``share_cpu`` the C poll (which cannot yield its core) is skipped: calls still go
+    inline and are answered through the poller's loop, which hands the core over on idle
+    spins."""
+    rpcfast.dispatch.current(rpcfast.DispatchConfig(share_cpu=True))
+    proc, addresses = spawn_echo_server(["udp://127.0.0.1:0"])
+    try:
+        async with rpcfast.connect(addresses[0], timeout=5.0) as conn:
+            stub = conn.stub(echo_capnp.Echo)
+            assert await stub.ping() is None  # the first call opens the channel
+            transport = conn.transport
+            assert isinstance(transport, UdpTransport)
+            assert conn.dispatcher.poller.share_cpu
+            calls, answered = transport.n_inline_calls, transport.n_answered_in_c
+            for i in range(20):
+                reply = await stub.echo(data=b"%d" % i)
+                assert reply is not None and bytes(reply.data) == b"%d" % i
+            assert transport.n_inline_calls - calls == 20
+            assert transport.n_answered_in_c == answered
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
 async def test_requests_reach_a_router_through_its_compiled_target_and_others_by_method() -> None:
     from rpcfast._router import RequestTarget
 

@@ -128,6 +128,44 @@ def test_servers_park_when_busy_unless_told_not_to() -> None:
     assert not args.park_when_busy and args.busy_spin_us == 80
 
 
+def test_a_sharing_cluster_serves_durable_writes(tmp_path: Path) -> None:
+    """``--share-cpu`` reaches every server's dispatcher (status says so) and a replicated
+    cluster spinning that way serves writes and reads."""
+    args = build_parser().parse_args(["cluster", "--share-cpu"])
+    assert args.share_cpu
+    assert not build_parser().parse_args(["server", "--coordinator", "x"]).share_cpu
+    c = LocalCluster(
+        str(tmp_path / "kv"),
+        servers=2,
+        replicas=1,
+        memory_mb=32,
+        durability="buffered",
+        segment_kb=1024,
+        spin_us=5000,
+        park_when_busy=False,
+        share_cpu=True,
+    )
+    c.start(progress=lambda _msg: None)
+    try:
+
+        async def body() -> None:
+            async with await KvClient.open(coordinator=c.coordinator, timeout=10) as kv:
+                table = await kv.create_table("shared")
+                for i in range(50):
+                    await kv.write(table, b"k%d" % i, b"v%d" % i)
+                for i in range(50):
+                    assert (await kv.read(table, b"k%d" % i))[0] == b"v%d" % i
+            status = await gather_status(c.coordinator)
+            policies = [s["stats"]["dispatch"]["policy"] for s in status["servers"]]
+            assert len(policies) == 2
+            assert all(p["share_cpu"] and not p["park_when_busy"] for p in policies)
+            assert all(p["spin_us"] == pytest.approx(5000) for p in policies)
+
+        trio.run(body)
+    finally:
+        c.stop()
+
+
 def test_storage_flags_reach_the_engine_and_bad_sizes_fail_before_serving(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
