@@ -69,6 +69,16 @@ def spawn_echo_server(
     return proc, line.split()
 
 
+def stop_echo_server(proc: subprocess.Popen[str]) -> None:
+    """Kill a :func:`spawn_echo_server` child (if it still runs), reap it, close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 async def _serve_main(addresses: Sequence[str]) -> None:
     from rpcfast._server import serve
 

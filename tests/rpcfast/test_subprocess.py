@@ -8,7 +8,7 @@ import pytest
 import trio
 
 import rpcfast
-from rpcfast.testing import echo_capnp, spawn_echo_server
+from rpcfast.testing import echo_capnp, spawn_echo_server, stop_echo_server
 
 
 @pytest.mark.parametrize("listen", ["udp://127.0.0.1:0", "zmq://127.0.0.1:0"])
@@ -26,10 +26,4 @@ async def test_calls_to_a_server_process_then_it_dies(listen: str) -> None:
             with trio.fail_after(10), pytest.raises((rpcfast.PeerDead, rpcfast.RpcTimeout)):
                 await stub.ping()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdin is not None:
-            proc.stdin.close()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_echo_server(proc)

@@ -18,7 +18,7 @@ from rpcfast._pending import PendingCall
 from rpcfast._types import Buffer
 from rpcfast.dispatch import DispatchConfig, Dispatcher, current
 from rpcfast.dispatch._dispatcher import DispatchStats, LoadProbe
-from rpcfast.testing import EchoService, echo_capnp, spawn_echo_server
+from rpcfast.testing import EchoService, echo_capnp, spawn_echo_server, stop_echo_server
 from rpcfast.transports import Transport
 
 
@@ -247,11 +247,7 @@ def test_a_caller_sleeping_inline_still_gets_its_reply(tmp_path: Path) -> None:
     try:
         trio.run(main)
     finally:
-        proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+        stop_echo_server(proc)
     assert results == [True, True]
 
 

@@ -11,7 +11,7 @@ import trio
 
 import rpcfast
 from rpcfast import fast
-from rpcfast.testing import EchoService, echo_capnp, spawn_echo_server
+from rpcfast.testing import EchoService, echo_capnp, spawn_echo_server, stop_echo_server
 from rpcfast.transports import UdpTransport, client_transport
 
 
@@ -203,11 +203,7 @@ async def test_a_client_with_nothing_else_to_poll_takes_responses_in_c() -> None
             stats = core.stats
             assert stats.calls_cancelled == 1 and stats.calls_failed == 0
     finally:
-        proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+        stop_echo_server(proc)
 
 
 async def test_a_sharing_client_spins_in_the_poller_loop_not_in_c() -> None:
@@ -230,11 +226,7 @@ async def test_a_sharing_client_spins_in_the_poller_loop_not_in_c() -> None:
             assert transport.n_inline_calls - calls == 20
             assert transport.n_answered_in_c == answered
     finally:
-        proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+        stop_echo_server(proc)
 
 
 async def test_requests_reach_a_router_through_its_compiled_target_and_others_by_method() -> None:
