@@ -1048,7 +1048,7 @@ class LogCleaner:
             dense = seg.live_bytes * 100 > MAX_CLEANABLE_MEMORY_UTILIZATION * seg.allocated_bytes
             if dense and not holders_of(seg.id):
                 continue
-            retirable = sum(cell[0] for cell in holders_of(seg.id).values())
+            retirable = log.retirable_bytes(seg.id)
             size = max(1, seg.allocated_bytes) if for_memory else segment_size
             score = cleaning_score(seg.live_bytes, size, now - seg.created, retirable)
             scored.append((score, -seg.live_bytes, seg))
@@ -1095,7 +1095,6 @@ class LogCleaner:
         A segment is skipped if the pass's peak survivor need would pass ``available``.
         """
         log = self._log
-        holders_of = log.tombstone_holders
         cap = self._config.max_live_segments_per_pass * log.segment_size
         chosen: list[Segment] = []
         drop: dict[int, int] = {}
@@ -1117,7 +1116,7 @@ class LogCleaner:
             # it holds a seglet of dead bytes itself: the worst-case survivor estimate charges
             # survivors' slack to whichever segment needs a new one, so a later one may pay it
             # back. The pass is the prefix of the segments taken that is worth most.
-            t_retired = retired + sum(cell[0] for cell in holders_of(seg.id).values())
+            t_retired = retired + log.retirable_bytes(seg.id)
             trial_worth = float((t_freed - t_need) * log.seglet_size + t_retired - t_dropped)
             roomy = seg.allocated_bytes - seg.live_bytes >= log.seglet_size
             if trial_worth <= worth and not roomy:

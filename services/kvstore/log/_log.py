@@ -287,6 +287,9 @@ class Log:
         self._pending_seglets: list[tuple[int, list[int]]] = []
         # target segment id -> {holder segment id -> [live tombstone bytes, count]}
         self._tombs: dict[int, dict[int, list[int]]] = {}
+        # target segment id -> the sum of its ``_tombs`` cells' bytes (what the cleaner ranks
+        # by: summing the cells per segment made each ranking O(live tombstones))
+        self._retirable: dict[int, int] = {}
         self.live_object_bytes = 0
         self.object_count = 0
         self.live_tombstone_bytes = 0
@@ -567,6 +570,8 @@ class Log:
         head.tombstone_bytes += size
         self.live_tombstone_bytes += size
         self.tombstone_count += 1
+        retirable = self._retirable
+        retirable[target] = retirable.get(target, 0) + size
         holders = self._tombs.get(target)
         if holders is None:
             self._tombs[target] = {head.id: [size, 1]}
@@ -628,6 +633,8 @@ class Log:
                 head.tombstone_bytes += tombstone_size
                 self.live_tombstone_bytes += tombstone_size
                 self.tombstone_count += 1
+                retirable = self._retirable
+                retirable[dead_id] = retirable.get(dead_id, 0) + tombstone_size
                 holders = self._tombs.get(dead_id)
                 if holders is None:
                     self._tombs[dead_id] = {head.id: [tombstone_size, 1]}
@@ -730,6 +737,11 @@ class Log:
         """
         return self._tombs.get(target_id, _NO_HOLDERS)
 
+    def retirable_bytes(self, target_id: int) -> int:
+        """Bytes of the live tombstones of objects in ``target_id``, wherever they are: what
+        leaves the log with that segment (the sum over :meth:`tombstone_holders`)."""
+        return self._retirable.get(target_id, 0)
+
     def move_tombstones(
         self, target_id: int, from_id: int, to_id: int, size: int, count: int = 1
     ) -> None:
@@ -747,6 +759,7 @@ class Log:
         new[1] += count
 
     def _retire_tombstones_for(self, target_id: int) -> None:
+        self._retirable.pop(target_id, None)
         for holder_id, (size, count) in self._tombs.pop(target_id, {}).items():
             self.live_tombstone_bytes -= size
             self.tombstone_count -= count

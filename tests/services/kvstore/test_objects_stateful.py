@@ -223,6 +223,10 @@ class KvModel(RuleBasedStateMachine):
         )
         assert s.free_seglets + s.seglets_in_use == s.total_seglets
         assert s.tombstone_bytes >= 0
+        log = self.om.log
+        for segment_id in log.segments:
+            holders = log.tombstone_holders(segment_id)
+            assert log.retirable_bytes(segment_id) == sum(cell[0] for cell in holders.values())
 
 
 KvModel.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
