@@ -50,7 +50,7 @@ import numpy as np
 from services.kvstore.errors import InternalError
 from services.kvstore.log._entries import SEGMENT_HEADER_ENTRY_SIZE
 from services.kvstore.log._hashtable import HashTable
-from services.kvstore.log._log import OFFSET_BITS, Log, StorageConfig
+from services.kvstore.log._log import OFFSET_BITS, TOMB_CELL_SHIFT, Log, StorageConfig
 from services.kvstore.log._segments import (
     IDX_AUX_MASK,
     IDX_FLAGS,
@@ -1013,14 +1013,14 @@ class LogCleaner:
         mine = holders_of(seg.id)
         own = mine.get(seg.id)
         if own is not None:
-            new[seg.id] = new.get(seg.id, 0) + own[0]
+            new[seg.id] = new.get(seg.id, 0) + (own >> TOMB_CELL_SHIFT)
         for other in chosen:
             cell = mine.get(other.id)  # other holds tombstones of seg's objects
             if cell is not None and (other.created, other.id) >= key:
-                new[other.id] = new.get(other.id, 0) + cell[0]
+                new[other.id] = new.get(other.id, 0) + (cell >> TOMB_CELL_SHIFT)
             cell = holders_of(other.id).get(seg.id)  # seg holds tombstones of other's
             if cell is not None and key >= (other.created, other.id):
-                new[seg.id] = new.get(seg.id, 0) + cell[0]
+                new[seg.id] = new.get(seg.id, 0) + (cell >> TOMB_CELL_SHIFT)
         live = 0
         freed = 0
         peak = 0

@@ -24,6 +24,7 @@ from services.kvstore import (
     WrongVersion,
 )
 from services.kvstore.log import object_entry_size
+from services.kvstore.log._log import TOMB_CELL_SHIFT, TOMB_COUNT_MASK
 
 CONFIG = StorageConfig(
     total_bytes=1 << 20,
@@ -223,10 +224,17 @@ class KvModel(RuleBasedStateMachine):
         )
         assert s.free_seglets + s.seglets_in_use == s.total_seglets
         assert s.tombstone_bytes >= 0
+        # the cleaner's tombstone ledger: per target segment, one cell per holder
         log = self.om.log
+        total_bytes = total_count = 0
         for segment_id in log.segments:
-            holders = log.tombstone_holders(segment_id)
-            assert log.retirable_bytes(segment_id) == sum(cell[0] for cell in holders.values())
+            cells = log.tombstone_holders(segment_id).values()
+            assert all(c & TOMB_COUNT_MASK > 0 for c in cells)
+            held = sum(c >> TOMB_CELL_SHIFT for c in cells)
+            assert log.retirable_bytes(segment_id) == held
+            total_bytes += held
+            total_count += sum(c & TOMB_COUNT_MASK for c in cells)
+        assert (total_bytes, total_count) == (log.live_tombstone_bytes, log.tombstone_count)
 
 
 KvModel.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
