@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "memory": "perf.memory",
     "cleaner": "perf.cleaner",
     "kv": "perf.kv",
+    "floor": "perf.floor",
 }
 """Subcommand name -> module implementing the ``Subcommand`` protocol."""
 
