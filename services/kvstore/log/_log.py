@@ -290,7 +290,7 @@ class Log:
         self._pending: list[tuple[int, Segment]] = []
         # Seglets of cleaning sources emptied before their pass commits: (epoch, seglets).
         self._pending_seglets: list[tuple[int, list[int]]] = []
-        # target segment id -> {holder segment id -> [live tombstone bytes, count]}
+        # target segment id -> {holder segment id -> cell (live tombstone bytes, count)}
         self._tombs: dict[int, dict[int, int]] = {}
         # target segment id -> the sum of its ``_tombs`` cells' bytes (what the cleaner ranks
         # by: summing the cells per segment made each ranking O(live tombstones))
