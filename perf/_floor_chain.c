@@ -75,7 +75,8 @@ static ssize_t receive(int s, char *buf, size_t n, unsigned short *from) {
             if (from) *from = ntohs(a.sin_port);
             return r;
         }
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        /* non-blocking: nothing yet; blocking: only the client's SO_RCVTIMEO ends here */
+        if ((errno == EAGAIN || errno == EWOULDBLOCK) && mode != BLOCK) {
             if (mode == YIELD) sched_yield();
             continue;
         }
