@@ -70,6 +70,12 @@ try:  # compaction's inner loop in C (built with the compiled engine), else the 
 except ImportError:
     _relocate = None  # type: ignore[assignment]
 
+
+def _c_kernel() -> bool:
+    """Whether compaction's C kernel is there (tests take it away to compare the paths)."""
+    return _relocate is not None
+
+
 MAX_CLEANABLE_MEMORY_UTILIZATION = 98
 MIN_DISK_UTILIZATION = 95
 
@@ -341,10 +347,35 @@ class _Compaction:
         self._src_first = np.cumsum([0, *counts[:-1]]).astype(np.int64)
         self._dst_first = np.zeros(len(sources), dtype=np.int64)
         self._based = 0  # targets whose seglets are in _bases
+        # Each target's fill, end and reference bits for the C kernel, which advances
+        # dst_length as it copies (the Segment objects get it after every batch), and what
+        # the kernel moved per source in its last batch.
+        n = len(sources)
+        self.dst_length = np.zeros(n, dtype=np.int64)
+        self.dst_limit = np.zeros(n, dtype=np.int64)
+        self.dst_bits = np.zeros(n, dtype=np.uint64)
+        self.acct = np.zeros(3 * n, dtype=np.int64)
+
+    def add_target(self, target: Segment) -> None:
+        k = len(self.targets)
+        self.targets.append(target)
+        self.dst_length[k] = target.length
+        self.dst_limit[k] = target.limit
+        self.dst_bits[k] = target.slot << OFFSET_BITS
+
+    def sync_lengths(self) -> None:
+        """After the numpy path moved entries: the C kernel's view of the targets' fill."""
+        for g, t in enumerate(self.targets):
+            self.dst_length[g] = t.length
 
     def bases(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(bases, src_first, dst_first)`` for the sources that have targets (copy_runs and
-        the C kernel): arena positions of seglets, and where each source and target starts."""
+        """``(bases, src_first, dst_first)`` for the sources that have targets (copy_runs):
+        arena positions of seglets, and where each source and target starts."""
+        k = self.sync_bases()
+        return self._bases[: self._filled], self._src_first[:k], self._dst_first[:k]
+
+    def sync_bases(self) -> int:
+        """Add the seglets of targets given since the last call; returns the targets."""
         k = len(self.targets)
         while self._based < k:
             b = self.targets[self._based].bases
@@ -355,7 +386,7 @@ class _Compaction:
             self._dst_first[self._based] = self._filled
             self._filled = end
             self._based += 1
-        return self._bases[: self._filled], self._src_first[:k], self._dst_first[:k]
+        return k
 
 
 class _Cleaning:
@@ -431,6 +462,7 @@ class LogCleaner:
         self._total_seglets = log.allocator.total_seglets
         self._present = _NO_SEGMENTS
         self._present_at = -1
+        self._words = np.empty(MAX_BATCH, dtype=np.uint64)  # the C kernel's index words
 
     # -- policy --------------------------------------------------------------------------
 
@@ -773,7 +805,7 @@ class LogCleaner:
         if len(seglets) < need:
             log.allocator.free(seglets)
             return False
-        job.targets.append(log.new_side_segment(seglets, SegmentState.COMPACTING, src.id))
+        job.add_target(log.new_side_segment(seglets, SegmentState.COMPACTING, src.id))
         return True
 
     def _batch_end(self, e: _Entries, first: int, limit: int, units: int) -> int:
@@ -787,32 +819,32 @@ class LogCleaner:
 
     def _run_compaction(self, job: _Compaction, budget: _Budget) -> bool:
         e = job.entries
+        sources = len(job.sources)
         while job.cursor < job.stop:
-            first = job.cursor
-            end = self._batch_end(e, first, job.stop, budget.batch_units())
-            # Every source the batch reaches needs its target; stop before one that gets none.
-            last_src = int(e.src[end - 1])
-            while len(job.targets) <= last_src:
-                k = len(job.targets)
+            k = len(job.targets)
+            if k < sources and e.first[k] <= job.cursor:
+                # the next source's target, now that those before it gave their seglets back
                 if not self._target_for(job, k):
                     job.stop = e.first[k]
-                    end = min(end, job.stop)
                     break
-            if end <= first:
-                break
-            budget.units -= (
-                COST_BATCH + int((e.size[first:end] >> 3).sum()) + COST_ENTRY * (end - first)
-            )
-            if _relocate is not None and not (e.flags[first:end] & IDX_NO_HASH).any():
-                job.cursor = end
-                budget.units -= self._compact_batch_c(job, first, end)
+                continue
+            first = job.cursor
+            limit = job.stop if k >= sources else min(job.stop, e.first[k])
+            units = budget.batch_units()
+            if _c_kernel():
+                end, charge, done = self._compact_batch_c(job, first, limit, units)
             else:
+                end, charge, done = self._batch_end(e, first, limit, units), 0, False
+            if not done:  # the numpy path (no C kernel, or an entry without its key hash)
+                charge = int((e.size[first:end] >> 3).sum()) + COST_ENTRY * (end - first)
                 ids = np.arange(first, end)
                 slots = self._live(job, ids)
-                job.cursor = end
                 live = slots != -2
                 if live.any():
-                    budget.units -= self._compact_batch(job, ids[live], slots[live])
+                    charge += self._compact_batch(job, ids[live], slots[live])
+                    job.sync_lengths()
+            job.cursor = end
+            budget.units -= COST_BATCH + charge
             while job.finished < len(job.targets) and e.ends[job.finished] <= job.cursor:
                 self._finish_one(job)
                 budget.units -= COST_COMMIT_SEGMENT
@@ -852,64 +884,73 @@ class LogCleaner:
             self._present_at = log.segment_set_changes
         return self._present
 
-    def _compact_batch_c(self, job: _Compaction, first: int, end: int) -> int:
-        """:meth:`_live` and :meth:`_compact_batch` for entries ``[first, end)`` in one C call
-        (``_relocate.compact_batch``); returns the bytes copied."""
+    def _compact_batch_c(
+        self, job: _Compaction, first: int, limit: int, units: int
+    ) -> tuple[int, int, bool]:
+        """One batch from entry ``first`` (not past ``limit``, about ``units`` of work) in one C
+        call (``_relocate.compact_range``): the cut, :meth:`_live` and :meth:`_compact_batch`.
+        Returns ``(end, work, done)``: the batch is ``[first, end)``, ``work`` its cost in
+        units, and ``done`` False where the numpy path must do it (an entry without its key
+        hash; nothing was done)."""
         assert _relocate is not None
         e = job.entries
-        sources = job.sources
-        targets = job.targets
-        k = len(targets)
-        bases, src_first, dst_first = job.bases()
-        dst_length = np.fromiter((t.length for t in targets), np.int64, k)
-        dst_limit = np.fromiter((t.limit for t in targets), np.int64, k)
-        dst_bits = np.fromiter((t.slot << OFFSET_BITS for t in targets), np.uint64, k)
-        flags = e.flags[first:end]
-        present = self._present_segments() if (flags & IDX_TOMB).any() else _NO_SEGMENTS
+        k = job.sync_bases()
         main, ovf = self._handlers.hash_table.areas()
-        words = np.empty(end - first, dtype=np.uint64)
-        acct = np.zeros(3 * k, dtype=np.int64)
+        words = self._words
         try:
-            moved, total = _relocate.compact_batch(
+            end, moved, total, charge, g_lo, g_hi = _relocate.compact_range(
                 self._log.allocator.view,
                 self._log.seglet_size,
-                bases,
-                src_first,
-                dst_first,
-                dst_length,
-                dst_limit,
-                dst_bits,
-                e.src[first:end],
-                e.off[first:end],
-                e.size[first:end],
-                flags,
-                e.aux[first:end],
-                e.ref[first:end],
+                job._bases,
+                job._filled,
+                job._src_first,
+                job._dst_first,
+                job.dst_length,
+                job.dst_limit,
+                job.dst_bits,
+                k,
+                e.src,
+                e.off,
+                e.size,
+                e.flags,
+                e.aux,
+                e.ref,
                 main,
                 ovf,
-                present,
+                self._present_segments(),
                 words,
-                acct,
+                job.acct,
+                first,
+                limit,
+                units - COST_BATCH,
+                MAX_BATCH,
+                COST_ENTRY,
             )
         except ValueError as exc:  # nothing was moved
             raise InternalError(f"compaction batch refused: {exc}") from exc
+        if moved < 0:
+            return end, 0, False
+        sources = job.sources
+        targets = job.targets
+        acct = job.acct
         pos = 0
-        moved_bytes, tomb_bytes, counts = acct.reshape(k, 3).T.tolist()
-        for g in range(k):
-            count = counts[g]
+        for g in range(g_lo, g_hi + 1):
+            count = int(acct[3 * g + 2])
             if not count:
                 continue
             t = targets[g]
             t.idx.frombytes(words[pos : pos + count].tobytes())
             pos += count
-            t.length = int(dst_length[g])
-            sources[g].live_bytes -= moved_bytes[g]
-            t.live_bytes += moved_bytes[g]
-            sources[g].tombstone_bytes -= tomb_bytes[g]
-            t.tombstone_bytes += tomb_bytes[g]
+            t.length = int(job.dst_length[g])
+            moved_bytes = int(acct[3 * g])
+            tomb_bytes = int(acct[3 * g + 1])
+            sources[g].live_bytes -= moved_bytes
+            t.live_bytes += moved_bytes
+            sources[g].tombstone_bytes -= tomb_bytes
+            t.tombstone_bytes += tomb_bytes
         self._bytes_relocated += total
         self._entries_relocated += moved
-        return int(total)
+        return end, charge + total, True
 
     def _compact_batch(self, job: _Compaction, ids: np.ndarray, slots: np.ndarray) -> int:
         """Copy live entries ``ids`` of the sources to their targets; repoint, index, account."""

@@ -3,9 +3,11 @@
  * The cleaner (services/kvstore/log/_cleaner.py) compacts segments in batches of index
  * entries. Its numpy path spends ~60 numpy calls and a Python loop of slice copies per batch:
  * about 2 us per relocated 1 KB entry, which is what bounds write throughput at 80-90% memory
- * use. compact_batch does one batch in one call with the same results: the liveness probe of
- * every entry, the copies (cut at seglet boundaries), the hash-table repointing and the new
- * index words. The numpy path stays for pure-Python installs, for entries without a key hash
+ * use. compact_range does one batch in one call with the same results: where the batch ends,
+ * the liveness probe of every entry, the copies (cut at seglet boundaries), the hash-table
+ * repointing and the new index words. It takes the pass's arrays whole, with the batch's
+ * bounds, so that a batch costs the interpreter one call and a few integers (the numpy
+ * slicing and accounting around each call had cost ~50 us a batch, more than the batch). The numpy path stays for pure-Python installs, for entries without a key hash
  * in the index (which need the object manager) and for combined cleaning.
  *
  * Liveness, as the numpy path decides it: an object entry is live iff its main bucket's chain
@@ -38,8 +40,6 @@
 #define REF_FIELD (CHAIN_BIT | REF_MASK)
 #define TAG_BITS (UINT64_C(0xFFFF) << 48)
 #define ENTRIES_PER_BUCKET 8
-
-#define NARGS 19
 
 typedef struct {
     Py_buffer view;
@@ -116,46 +116,76 @@ position(const int64_t *bases, int64_t first, int64_t off, int64_t size)
 }
 
 PyDoc_STRVAR(
-    compact_batch_doc,
-    "compact_batch(arena, seglet_size, bases, src_first, dst_first, dst_length, dst_limit,\n"
-    "              dst_bits, src, off, size, flags, aux, ref, main, ovf, present, words,\n"
-    "              acct) -> (entries moved, bytes moved)\n\n"
-    "Compact one batch of index entries (numpy arrays, one element an entry: source number,\n"
-    "offset, size, flags, aux, reference) into each source's target: live entries are copied\n"
-    "to ``dst_length[s]`` of source s's target (updated), repointed in the hash table\n"
-    "(``main``, ``ovf``) and their index words written to ``words`` in order. ``acct`` gets,\n"
-    "per source, bytes moved, tombstone bytes moved and entries moved added (3 int64 each).\n"
-    "Raises ValueError, and changes nothing, when a target lacks room or an argument is\n"
-    "inconsistent.");
+    compact_range_doc,
+    "compact_range(arena, seglet_size, bases, nbases, src_first, dst_first, dst_length,\n"
+    "              dst_limit, dst_bits, ntargets, src, off, size, flags, aux, ref, main, ovf,\n"
+    "              present, words, acct, first, limit, room, max_batch, cost_entry)\n"
+    "    -> (end, entries moved, bytes moved, charge, first source, last source)\n\n"
+    "Compact one batch of a pass's index entries (numpy arrays over the whole pass, one\n"
+    "element an entry: source number, offset, size, flags, aux, reference) into each source's\n"
+    "target. The batch is ``[first, end)``: entries from ``first`` while their running cost\n"
+    "(size + size/8 + ``cost_entry`` each) stays within ``room``, at least one, at most\n"
+    "``max_batch``, never past ``limit``; every source it reaches must be below ``ntargets``.\n"
+    "Live entries are copied to ``dst_length[s]`` of source s's target (updated), repointed in\n"
+    "the hash table (``main``, ``ovf``) and their index words written to ``words`` in order.\n"
+    "``acct`` gets, per source of the batch, bytes moved, tombstone bytes moved and entries\n"
+    "moved (3 int64 each, zeroed first). ``charge`` is the batch's work besides the bytes\n"
+    "moved (size/8 + cost_entry per entry). An entry without its key hash makes the batch\n"
+    "the numpy path's: nothing is done and entries moved is -1. Raises ValueError, and\n"
+    "changes nothing, when a target lacks room or an argument is inconsistent.");
+
+#define NARGS 26
+
+static int
+get_count(PyObject *obj, Py_ssize_t *out, const char *what)
+{
+    *out = PyLong_AsSsize_t(obj);
+    if (*out == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (*out < 0) {
+        PyErr_Format(PyExc_ValueError, "%s must not be negative", what);
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *
-compact_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+compact_range(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != NARGS) {
-        PyErr_Format(PyExc_TypeError, "compact_batch takes %d arguments", NARGS);
+        PyErr_Format(PyExc_TypeError, "compact_range takes %d arguments", NARGS);
         return NULL;
     }
     Buf b[NARGS];
     memset(b, 0, sizeof(b));
     uint64_t **slots = NULL;
+    int64_t *need = NULL;
     PyObject *result = NULL;
-    Py_ssize_t seglet = PyLong_AsSsize_t(args[1]);
-    if (seglet == -1 && PyErr_Occurred()) {
+    Py_ssize_t seglet, nbases, ntargets, first, limit, room, max_batch, cost_entry;
+    if (get_count(args[1], &seglet, "seglet_size") < 0 || get_count(args[3], &nbases, "nbases") < 0 ||
+        get_count(args[9], &ntargets, "ntargets") < 0 || get_count(args[21], &first, "first") < 0 ||
+        get_count(args[22], &limit, "limit") < 0 || get_count(args[24], &max_batch, "max_batch") < 0 ||
+        get_count(args[25], &cost_entry, "cost_entry") < 0) {
         return NULL;
     }
-    if (seglet <= 0) {
-        PyErr_SetString(PyExc_ValueError, "seglet_size must be positive");
+    room = PyLong_AsSsize_t(args[23]);
+    if (room == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (seglet == 0 || max_batch == 0) {
+        PyErr_SetString(PyExc_ValueError, "seglet_size and max_batch must be positive");
         return NULL;
     }
     static const char *names[NARGS] = {
-        "arena", "", "bases", "src_first", "dst_first", "dst_length", "dst_limit",
-        "dst_bits", "src", "off", "size", "flags", "aux", "ref", "main", "ovf", "present",
-        "words", "acct"};
-    for (int i = 0; i < NARGS; i++) {
-        if (i == 1) {
+        "arena", "", "bases", "", "src_first", "dst_first", "dst_length", "dst_limit",
+        "dst_bits", "", "src", "off", "size", "flags", "aux", "ref", "main", "ovf", "present",
+        "words", "acct", "", "", "", "", ""};
+    for (int i = 0; i <= 20; i++) {
+        if (names[i][0] == '\0') {
             continue;
         }
-        int writable = i == 0 || i == 5 || i == 14 || i == 15 || i == 17 || i == 18;
+        int writable = i == 0 || i == 6 || i == 16 || i == 17 || i == 19 || i == 20;
         if (get(&b[i], args[i], writable, i == 0 ? 1 : 8, names[i]) < 0) {
             goto done;
         }
@@ -163,39 +193,49 @@ compact_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     unsigned char *arena = (unsigned char *)b[0].view.buf;
     Py_ssize_t arena_len = b[0].view.len;
     const int64_t *bases = AT(b[2], int64_t);
-    Py_ssize_t nbases = COUNT(b[2], int64_t);
-    Py_ssize_t nsrc = COUNT(b[3], int64_t);
-    if (COUNT(b[4], int64_t) != nsrc || COUNT(b[5], int64_t) != nsrc ||
-        COUNT(b[6], int64_t) != nsrc || COUNT(b[7], uint64_t) != nsrc ||
-        COUNT(b[18], int64_t) != 3 * nsrc) {
-        PyErr_SetString(PyExc_ValueError, "per-source arrays disagree in length");
+    if (COUNT(b[2], int64_t) < nbases) {
+        PyErr_SetString(PyExc_ValueError, "bases holds fewer than nbases seglets");
         goto done;
     }
-    const int64_t *src_first = AT(b[3], int64_t), *dst_first = AT(b[4], int64_t);
-    int64_t *dst_length = AT(b[5], int64_t);
-    const int64_t *dst_limit = AT(b[6], int64_t);
-    const uint64_t *dst_bits = AT(b[7], uint64_t);
-    Py_ssize_t n = COUNT(b[8], int64_t);
-    if (COUNT(b[9], int64_t) != n || COUNT(b[10], int64_t) != n || COUNT(b[11], int64_t) != n ||
-        COUNT(b[12], uint64_t) != n || COUNT(b[13], uint64_t) != n ||
-        COUNT(b[17], uint64_t) < n) {
+    if (COUNT(b[4], int64_t) < ntargets || COUNT(b[5], int64_t) < ntargets ||
+        COUNT(b[6], int64_t) < ntargets || COUNT(b[7], int64_t) < ntargets ||
+        COUNT(b[8], uint64_t) < ntargets || COUNT(b[20], int64_t) < 3 * ntargets) {
+        PyErr_SetString(PyExc_ValueError, "per-source arrays shorter than ntargets");
+        goto done;
+    }
+    const int64_t *src_first = AT(b[4], int64_t), *dst_first = AT(b[5], int64_t);
+    int64_t *dst_length = AT(b[6], int64_t);
+    const int64_t *dst_limit = AT(b[7], int64_t);
+    const uint64_t *dst_bits = AT(b[8], uint64_t);
+    Py_ssize_t count = COUNT(b[10], int64_t);
+    if (COUNT(b[11], int64_t) != count || COUNT(b[12], int64_t) != count ||
+        COUNT(b[13], int64_t) != count || COUNT(b[14], uint64_t) != count ||
+        COUNT(b[15], uint64_t) != count) {
         PyErr_SetString(PyExc_ValueError, "per-entry arrays disagree in length");
         goto done;
     }
-    const int64_t *src = AT(b[8], int64_t), *off = AT(b[9], int64_t), *size = AT(b[10], int64_t);
-    const int64_t *flags = AT(b[11], int64_t);
-    const uint64_t *aux = AT(b[12], uint64_t), *ref = AT(b[13], uint64_t);
-    uint64_t *main = AT(b[14], uint64_t), *ovf = AT(b[15], uint64_t);
-    Py_ssize_t buckets = COUNT(b[14], uint64_t) / ENTRIES_PER_BUCKET;
-    Py_ssize_t ovf_buckets = COUNT(b[15], uint64_t) / ENTRIES_PER_BUCKET;
+    if (first >= limit || limit > count) {
+        PyErr_SetString(PyExc_ValueError, "need first < limit <= entries");
+        goto done;
+    }
+    if (COUNT(b[19], uint64_t) < max_batch) {
+        PyErr_SetString(PyExc_ValueError, "words holds fewer than max_batch entries");
+        goto done;
+    }
+    const int64_t *src = AT(b[10], int64_t), *off = AT(b[11], int64_t);
+    const int64_t *size = AT(b[12], int64_t), *flags = AT(b[13], int64_t);
+    const uint64_t *aux = AT(b[14], uint64_t), *ref = AT(b[15], uint64_t);
+    uint64_t *main = AT(b[16], uint64_t), *ovf = AT(b[17], uint64_t);
+    Py_ssize_t buckets = COUNT(b[16], uint64_t) / ENTRIES_PER_BUCKET;
+    Py_ssize_t ovf_buckets = COUNT(b[17], uint64_t) / ENTRIES_PER_BUCKET;
     if (buckets == 0 || (buckets & (buckets - 1))) {
         PyErr_SetString(PyExc_ValueError, "main hash area must hold a power of two of buckets");
         goto done;
     }
-    const uint64_t *present = AT(b[16], uint64_t);
-    Py_ssize_t npresent = COUNT(b[16], uint64_t);
-    uint64_t *words = AT(b[17], uint64_t);
-    int64_t *acct = AT(b[18], int64_t);
+    const uint64_t *present = AT(b[18], uint64_t);
+    Py_ssize_t npresent = COUNT(b[18], uint64_t);
+    uint64_t *words = AT(b[19], uint64_t);
+    int64_t *acct = AT(b[20], int64_t);
 
     for (Py_ssize_t k = 0; k < nbases; k++) {
         if (bases[k] < 0 || bases[k] > arena_len - seglet) {
@@ -204,27 +244,46 @@ compact_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 
+    /* The batch: what fits the room (at least one entry), as the numpy path cuts it. */
+    Py_ssize_t end = first;
+    int64_t cost = 0, charge = 0;
+    int no_hash = 0;
+    while (end < limit && end - first < max_batch) {
+        int64_t sz = size[end];
+        int64_t c = sz + (sz >> 3) + (int64_t)cost_entry;
+        if (end > first && cost + c > (int64_t)room) {
+            break;
+        }
+        cost += c;
+        charge += (sz >> 3) + (int64_t)cost_entry;
+        if (flags[end] & IDX_NO_HASH) {
+            no_hash = 1;
+        }
+        end++;
+    }
+    Py_ssize_t n = end - first;
+    int64_t g_lo = src[first], g_hi = src[end - 1];
+    if (no_hash) {
+        result = Py_BuildValue("(nnLLLL)", end, (Py_ssize_t)-1, 0LL, (long long)charge,
+                               (long long)g_lo, (long long)g_hi);
+        goto done;
+    }
+
     /* Pass 1: liveness, and the bytes each target must take. */
-    slots = PyMem_Calloc((size_t)(n ? n : 1), sizeof(uint64_t *));
-    int64_t *need = PyMem_Calloc((size_t)(nsrc ? nsrc : 1), sizeof(int64_t));
+    slots = PyMem_Calloc((size_t)n, sizeof(uint64_t *));
+    need = PyMem_Calloc((size_t)(ntargets ? ntargets : 1), sizeof(int64_t));
     if (slots == NULL || need == NULL) {
-        PyMem_Free(need);
         PyErr_NoMemory();
         goto done;
     }
     static uint64_t tomb_marker;
     int corrupt = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t i = first + j;
         int64_t s = src[i];
-        if (s < 0 || s >= nsrc || size[i] <= 0 || off[i] < 0 || src_first[s] < 0 ||
-            src_first[s] + (off[i] + size[i] - 1) / seglet >= nbases) {
+        if (s < g_lo || s > g_hi || s >= ntargets || size[i] <= 0 || off[i] < 0 ||
+            src_first[s] < 0 || src_first[s] + (off[i] + size[i] - 1) / seglet >= nbases) {
             PyErr_Format(PyExc_ValueError, "entry %zd: bad source, offset or size", i);
-            PyMem_Free(need);
-            goto done;
-        }
-        if (flags[i] & IDX_NO_HASH) {
-            PyErr_SetString(PyExc_ValueError, "an entry without its key hash: use the numpy path");
-            PyMem_Free(need);
             goto done;
         }
         if (flags[i] & IDX_OTHER) {
@@ -232,41 +291,42 @@ compact_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         if (flags[i] & IDX_TOMB) {
             if (present_has(present, npresent, aux[i])) {
-                slots[i] = &tomb_marker;
+                slots[j] = &tomb_marker;
             }
         }
         else {
-            slots[i] = find_ref(main, buckets, ovf, ovf_buckets, aux[i] & (uint64_t)(buckets - 1),
+            slots[j] = find_ref(main, buckets, ovf, ovf_buckets, aux[i] & (uint64_t)(buckets - 1),
                                 ref[i], &corrupt);
             if (corrupt) {
                 PyErr_SetString(PyExc_ValueError, "hash-table chain leaves the overflow area");
-                PyMem_Free(need);
                 goto done;
             }
         }
-        if (slots[i] != NULL) {
+        if (slots[j] != NULL) {
             need[s] += size[i];
         }
     }
-    for (Py_ssize_t s = 0; s < nsrc; s++) {
+    for (int64_t s = g_lo; s <= g_hi; s++) {
         if (need[s] && (dst_length[s] + need[s] > dst_limit[s] || dst_length[s] < 0 ||
                         dst_first[s] < 0 ||
                         dst_first[s] + (dst_length[s] + need[s] - 1) / seglet >= nbases)) {
-            PyErr_Format(PyExc_ValueError, "target of source %zd lacks room for %lld bytes", s,
-                         (long long)need[s]);
-            PyMem_Free(need);
+            PyErr_Format(PyExc_ValueError, "target of source %lld lacks room for %lld bytes",
+                         (long long)s, (long long)need[s]);
             goto done;
         }
     }
-    PyMem_Free(need);
+    for (int64_t s = g_lo; s <= g_hi; s++) {
+        acct[3 * s] = acct[3 * s + 1] = acct[3 * s + 2] = 0;
+    }
 
     /* Pass 2: copy, repoint, index. */
     Py_ssize_t moved = 0;
     int64_t moved_bytes = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (slots[i] == NULL) {
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (slots[j] == NULL) {
             continue;
         }
+        Py_ssize_t i = first + j;
         int64_t s = src[i];
         int64_t length = size[i];
         int64_t at = dst_length[s];
@@ -287,9 +347,9 @@ compact_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             left -= chunk;
         }
         dst_length[s] = at + length;
-        if (slots[i] != &tomb_marker) {
+        if (slots[j] != &tomb_marker) {
             uint64_t new_ref = dst_bits[s] | (uint64_t)at;
-            *slots[i] = (*slots[i] & TAG_BITS) | new_ref;
+            *slots[j] = (*slots[j] & TAG_BITS) | new_ref;
         }
         else {
             acct[3 * s + 1] += length;
@@ -299,9 +359,11 @@ compact_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         words[moved++] = (uint64_t)at << IDX_OFFSET_SHIFT | aux[i] << IDX_SHIFT | (uint64_t)flags[i];
         moved_bytes += length;
     }
-    result = Py_BuildValue("(nL)", moved, (long long)moved_bytes);
+    result = Py_BuildValue("(nnLLLL)", end, moved, (long long)moved_bytes, (long long)charge,
+                           (long long)g_lo, (long long)g_hi);
 done:
     PyMem_Free(slots);
+    PyMem_Free(need);
     for (int i = 0; i < NARGS; i++) {
         if (b[i].held) {
             PyBuffer_Release(&b[i].view);
@@ -311,8 +373,8 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"compact_batch", (PyCFunction)(void (*)(void))compact_batch, METH_FASTCALL,
-     compact_batch_doc},
+    {"compact_range", (PyCFunction)(void (*)(void))compact_range, METH_FASTCALL,
+     compact_range_doc},
     {NULL, NULL, 0, NULL},
 };
 

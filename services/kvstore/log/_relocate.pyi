@@ -2,15 +2,17 @@
 
 from typing import Any
 
-def compact_batch(
+def compact_range(
     arena: memoryview,
     seglet_size: int,
     bases: Any,
+    nbases: int,
     src_first: Any,
     dst_first: Any,
     dst_length: Any,
     dst_limit: Any,
     dst_bits: Any,
+    ntargets: int,
     src: Any,
     off: Any,
     size: Any,
@@ -22,5 +24,10 @@ def compact_batch(
     present: Any,
     words: Any,
     acct: Any,
+    first: int,
+    limit: int,
+    room: int,
+    max_batch: int,
+    cost_entry: int,
     /,
-) -> tuple[int, int]: ...
+) -> tuple[int, int, int, int, int, int]: ...

@@ -113,11 +113,11 @@ def test_c_path_is_used_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     om = _store(clock)
     calls = []
-    real = _relocate.compact_batch
+    real = _relocate.compact_range
 
     class Spy:
         @staticmethod
-        def compact_batch(*args: object) -> tuple[int, int]:
+        def compact_range(*args: object) -> tuple[int, ...]:
             calls.append(len(args))
             return real(*args)  # type: ignore[no-any-return]
 
@@ -140,64 +140,94 @@ def _batch_args(room: int) -> tuple[list[object], bytearray, np.ndarray]:
         arena,
         seglet,
         bases,
-        np.array([0], dtype=np.int64),
-        np.array([2], dtype=np.int64),
-        np.array([0], dtype=np.int64),
-        np.array([room], dtype=np.int64),
-        np.array([2 << 24], dtype=np.uint64),
-        np.zeros(2, dtype=np.int64),
-        np.array([0, 40], dtype=np.int64),
-        np.array([40, 40], dtype=np.int64),
-        np.zeros(2, dtype=np.int64),
-        np.zeros(2, dtype=np.uint64),
+        4,  # nbases
+        np.array([0], dtype=np.int64),  # src_first
+        np.array([2], dtype=np.int64),  # dst_first
+        np.array([0], dtype=np.int64),  # dst_length
+        np.array([room], dtype=np.int64),  # dst_limit
+        np.array([2 << 24], dtype=np.uint64),  # dst_bits
+        1,  # ntargets
+        np.zeros(2, dtype=np.int64),  # src
+        np.array([0, 40], dtype=np.int64),  # off
+        np.array([40, 40], dtype=np.int64),  # size
+        np.zeros(2, dtype=np.int64),  # flags
+        np.zeros(2, dtype=np.uint64),  # aux
         refs,
         main,
-        np.zeros(0, dtype=np.uint64),
-        np.zeros(0, dtype=np.uint64),
-        np.zeros(2, dtype=np.uint64),
-        np.zeros(3, dtype=np.int64),
+        np.zeros(0, dtype=np.uint64),  # ovf
+        np.zeros(0, dtype=np.uint64),  # present
+        np.zeros(4, dtype=np.uint64),  # words
+        np.full(3, 7, dtype=np.int64),  # acct (zeroed by the call)
+        0,  # first
+        2,  # limit
+        1000,  # room
+        4,  # max_batch
+        2,  # cost_entry
     ]
     return args, arena, main
 
 
-def test_compact_batch_copies_across_seglets_and_repoints() -> None:
+def test_compact_range_copies_across_seglets_and_repoints() -> None:
     args, arena, main = _batch_args(room=128)
     before = bytes(arena)
-    assert _relocate.compact_batch(*args) == (2, 80)
+    # charge: (40 >> 3) + 2 per entry
+    assert _relocate.compact_range(*args) == (2, 2, 80, 14, 0, 0)
     assert bytes(arena[128:168]) == before[0:40]
     assert bytes(arena[168:192]) + bytes(arena[192:208]) == before[40:80]  # cut at 192
     assert int(main[0]) == (0xAB << 48) | (2 << 24) | 0  # the tag kept
     assert int(main[3]) == (2 << 24) | 40
-    assert args[5].tolist() == [80]  # type: ignore[attr-defined]
-    assert args[18].tolist() == [80, 0, 2]  # type: ignore[attr-defined]
-    assert (args[17] >> np.uint64(40)).tolist() == [0, 40]  # type: ignore[operator]
+    assert args[6].tolist() == [80]  # type: ignore[attr-defined]
+    assert args[20].tolist() == [80, 0, 2]  # type: ignore[attr-defined]
+    assert (args[19][:2] >> np.uint64(40)).tolist() == [0, 40]  # type: ignore[index]
 
 
-def test_compact_batch_refuses_a_target_without_room_and_changes_nothing() -> None:
-    args, arena, main = _batch_args(room=79)
+@pytest.mark.parametrize(("room", "end"), [(0, 1), (46, 1), (47 + 47, 2), (10**6, 2)])
+def test_compact_range_cuts_the_batch_by_its_cost(room: int, end: int) -> None:
+    """An entry costs size + size/8 + cost_entry (40 + 5 + 2 = 47); a batch takes at least
+    one, and stops before the one that would pass the room."""
+    args, _arena, main = _batch_args(room=128)
+    args[23] = room
+    result = _relocate.compact_range(*args)
+    assert result[:3] == (end, end, 40 * end)
+    assert int(main[3]) == ((2 << 24) | 40 if end == 2 else (1 << 24) | 40)
+
+
+def test_compact_range_hands_entries_without_a_key_hash_to_the_numpy_path() -> None:
+    args, arena, main = _batch_args(room=128)
+    args[13] = np.array([0, 2], dtype=np.int64)  # the second entry has no key hash
     before = (bytes(arena), main.tobytes())
-    with pytest.raises(ValueError, match="lacks room"):
-        _relocate.compact_batch(*args)
+    assert _relocate.compact_range(*args) == (2, -1, 0, 14, 0, 0)
     assert (bytes(arena), main.tobytes()) == before
+
+
+def test_compact_range_refuses_a_target_without_room_and_changes_nothing() -> None:
+    args, arena, main = _batch_args(room=79)
+    before = (bytes(arena), main.tobytes(), args[20].tobytes())  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="lacks room"):
+        _relocate.compact_range(*args)
+    assert (bytes(arena), main.tobytes(), args[20].tobytes()) == before  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
     ("index", "bad"),
     [
         (2, np.array([0, 64, 128, 250], dtype=np.int64)),  # a seglet past the arena
-        (8, np.array([0, 1], dtype=np.int64)),  # a source without its arrays
-        (10, np.array([40], dtype=np.int64)),  # arrays of different lengths
-        (11, np.array([0, 2], dtype=np.int64)),  # an entry without its key hash
-        (14, np.zeros(24, dtype=np.uint64)),  # three buckets: not a power of two
-        (3, np.array([0, 0], dtype=np.int64)),  # per-source arrays disagree
+        (3, 5),  # more seglets than bases holds
+        (9, 2),  # more targets than the per-target arrays hold
+        (10, np.array([0, 1], dtype=np.int64)),  # an entry of a source without a target
+        (12, np.array([40], dtype=np.int64)),  # arrays of different lengths
+        (16, np.zeros(24, dtype=np.uint64)),  # three buckets: not a power of two
+        (19, np.zeros(3, dtype=np.uint64)),  # words shorter than max_batch
+        (22, 3),  # limit past the entries
+        (21, 2),  # first not below limit
     ],
 )
-def test_compact_batch_rejects_inconsistent_arguments(index: int, bad: np.ndarray) -> None:
+def test_compact_range_rejects_inconsistent_arguments(index: int, bad: object) -> None:
     args, arena, main = _batch_args(room=128)
     args[index] = bad
     before = (bytes(arena), main.tobytes())
     with pytest.raises(ValueError):
-        _relocate.compact_batch(*args)
+        _relocate.compact_range(*args)
     assert (bytes(arena), main.tobytes()) == before
 
 
@@ -209,7 +239,7 @@ def test_the_cleaner_turns_a_refusal_into_an_internal_error(
 
     class Refusing:
         @staticmethod
-        def compact_batch(*args: object) -> tuple[int, int]:
+        def compact_range(*args: object) -> tuple[int, ...]:
             raise ValueError("target of source 0 lacks room")
 
     monkeypatch.setattr(_cleaner, "_relocate", Refusing)
