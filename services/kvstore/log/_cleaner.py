@@ -287,9 +287,6 @@ class _Entries:
         self.ends = ends.tolist()  # entry number just past each source's entries
         slot_bits = np.array([seg.slot << OFFSET_BITS for seg in sources], dtype=np.uint64)
         self.ref = slot_bits[self.src] | off.astype(np.uint64)
-        # Work units (COST_ENTRY, an eighth of the size, the size) up to each entry, inclusive:
-        # batches are cut on it with one search.
-        self.cost = np.cumsum(size + (size >> 3) + COST_ENTRY)
 
     def keep(self, ids: np.ndarray, source: int) -> None:
         """Keep entries ``ids`` only (of a one-source block, numbered ``source`` in its pass)."""
@@ -302,7 +299,6 @@ class _Entries:
         self.count = len(ids)
         self.first = [0]
         self.ends = [self.count]
-        self.cost = np.cumsum(self.size + (self.size >> 3) + COST_ENTRY)
 
 
 def _join(blocks: list[_Entries]) -> _Entries:
@@ -319,7 +315,6 @@ def _join(blocks: list[_Entries]) -> _Entries:
         e.first = [0, *ends[:-1].tolist()]
         e.ends = ends.tolist()
         e.count = int(ends[-1])
-        e.cost = np.cumsum(e.size + (e.size >> 3) + COST_ENTRY)
     return e
 
 
@@ -809,13 +804,16 @@ class LogCleaner:
         return True
 
     def _batch_end(self, e: _Entries, first: int, limit: int, units: int) -> int:
-        """End of a batch of entries ``[first, end)`` costing about ``units`` at most."""
+        """End of a batch of entries ``[first, end)`` costing about ``units`` at most (the
+        numpy path's cut; ``_relocate.compact_range`` cuts the same way): an entry costs
+        COST_ENTRY, an eighth of its size and its size."""
         end = min(limit, first + MAX_BATCH)
-        cost = e.cost
-        room = units - COST_BATCH + (int(cost[first - 1]) if first else 0)
-        if int(cost[end - 1]) <= room:
+        size = e.size[first:end]
+        cost = np.cumsum(size + (size >> 3) + COST_ENTRY)
+        room = units - COST_BATCH
+        if int(cost[-1]) <= room:
             return end
-        return first + max(1, int(np.searchsorted(cost[first:end], room, side="right")))
+        return first + max(1, int(np.searchsorted(cost, room, side="right")))
 
     def _run_compaction(self, job: _Compaction, budget: _Budget) -> bool:
         e = job.entries
@@ -1247,7 +1245,6 @@ class LogCleaner:
             n = e.count
             e.off, e.size, e.flags = e.off[:n], e.size[:n], e.flags[:n]
             e.aux, e.ref, e.src = e.aux[:n], e.ref[:n], e.src[:n]
-            e.cost = np.cumsum(e.size + (e.size >> 3) + COST_ENTRY)
             job.entries = e
             job.joined = None
         return True
