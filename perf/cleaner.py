@@ -28,6 +28,9 @@ Sections (``--sections``):
   it; throughput under the paper's stress load (10 multi-writes of 75 in flight) and one
   write at a time ("Sequential"), and Figure 9 as the paper measured it (one client, back to
   back) with whole and with yielding slices against an idle-cleaner server, interleaved.
+  Between blocks each server settles (its cleaner finishes its backlog, so that it does not
+  run beside the next server's block); ``in_window`` is the part of ``copied/new`` that ran
+  while the measured writes did, which is what their latencies saw.
 
 Conclusion (``rpcfast-perf cleaner --json cleaner.json``, 16 MiB log, 2-core shared host):
 

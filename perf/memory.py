@@ -19,6 +19,13 @@ heavily at small scales, so ``utilization_net`` also divides by RSS minus that b
 measured just before the store is created); it is the figure that carries over to large scales.
 ``peak_rss_bytes`` (VmHWM) shows the memory a workload needed at its worst moment.
 
+``ceiling`` (kvstore rows) is what the store's design allows at best for the data it held at
+the end: live bytes over its own entries alone (the live objects with their entry headers, the
+live tombstones) plus one 8-byte hash-table reference per object, as if the log were 100% full
+with no free, dead or reserved memory and the process had no interpreter, index or heap. No
+tuning of sizes, reserves or the Python heap can lift ``utilization_net`` past it; only
+smaller entries, fewer live tombstones or larger objects can.
+
 Neither figure is flattered: ``utilization`` keeps the whole interpreter in the denominator (at
 the default 16 MiB live it cannot pass ~0.23 for the kvstore, whose baseline is ~53 MB), and
 ``utilization_net`` keeps everything the store allocated, reserves and Python heap included.
@@ -67,6 +74,7 @@ MAX_SEGMENTS = 256
 SEGLETS_PER_SEGMENT = 16
 CLEANER_CHECK_EVERY = 16  # writes between the kvstore worker's wants_to_run() checks
 MAX_RETRY_STEPS = 10_000
+HASH_REF_BYTES = 8  # services.kvstore.log._hashtable: BUCKET_BYTES / ENTRIES_PER_BUCKET
 _POOL_BYTES = 1 << 20
 _POOL_STRIDE = 4099
 _TABLE = 1
@@ -80,6 +88,7 @@ COLUMNS = (
     Column("baseline_mb", "base_MB", "{:.1f}"),
     Column("utilization", "live/rss", "{:.2f}"),
     Column("utilization_net", "live/(rss-base)", "{:.2f}"),
+    Column("ceiling", "ceiling", "{:.2f}"),
     Column("seconds", "seconds", "{:.1f}"),
 )
 
@@ -175,6 +184,12 @@ def kvstore_config(workload: Workload, live_bytes: int, kv_fill: float) -> dict[
         "hash_table_bytes": buckets * 64,
         "prefault_memory": True,
     }
+
+
+def design_floor_bytes(log_live_bytes: int, tombstone_bytes: int, objects: int) -> int:
+    """The least memory the kvstore's design needs for what it holds: its live object entries
+    (headers included) and live tombstones, and one hash-table reference per object."""
+    return log_live_bytes + tombstone_bytes + HASH_REF_BYTES * objects
 
 
 # -- the worker process (kvstore, pydict) ---------------------------------------------------------
@@ -467,6 +482,11 @@ def run_one(system: str, workload_name: str, config: Config) -> Row:
     if system == "kvstore":
         parts = ("arena_bytes", "hash_table_bytes", "index_bytes")
         row["heap_growth_bytes"] = net - sum(int(measured[k] or 0) for k in parts)
+        row["ceiling"] = live / design_floor_bytes(
+            int(measured["log_live_bytes"] or 0),
+            int(measured["tombstone_bytes"] or 0),
+            int(measured["objects"] or 0),
+        )
     row["rss_mb"] = rss / MiB
     row["peak_mb"] = int(measured["peak_rss_bytes"] or 0) / MiB
     row["baseline_mb"] = int(measured["baseline_rss_bytes"] or 0) / MiB

@@ -169,6 +169,20 @@ def test_worker_run_reports_consistent_row(system: str) -> None:
         parts = int(row["arena_bytes"] or 0) + int(row["hash_table_bytes"] or 0)
         parts += int(row["index_bytes"] or 0)
         assert row["heap_growth_bytes"] == rss - base - parts
+        # The design's floor: entries, live tombstones and a reference per object.
+        floor = int(row["log_live_bytes"] or 0) + int(row["tombstone_bytes"] or 0)
+        floor += 8 * int(row["objects"] or 0)
+        assert row["ceiling"] == pytest.approx(live / floor)
+        # The arena holds every entry and the table has a slot per object: net RSS is above it.
+        assert float(row["utilization_net"] or 0) < float(row["ceiling"] or 0) < 1
+    else:
+        assert "ceiling" not in row
+
+
+def test_hash_ref_bytes_matches_the_hash_table() -> None:
+    from services.kvstore.log import _hashtable
+
+    assert memory.HASH_REF_BYTES == _hashtable.BUCKET_BYTES // _hashtable.ENTRIES_PER_BUCKET
 
 
 def test_redis_run_reports_consistent_row() -> None:
