@@ -182,13 +182,13 @@ async def _sequential(
     return _Window(len(samples), perf() - start, samples, truncated)
 
 
-async def _settle(address: str) -> None:
+async def _settle(address: str, last: tuple[int, int]) -> None:
     """Wait (up to ``SETTLE_MAX_S``) until the server's cleaner has relocated nothing and
-    finished no pass for ``SETTLE_S``: after a block of writes it may still be catching up."""
+    finished no pass for ``SETTLE_S``: after a block of writes it may still be catching up.
+    ``last`` is its :func:`_cleaner_totals` as the block ended."""
     import trio
 
     deadline = time.monotonic() + SETTLE_MAX_S
-    last = _cleaner_totals(await _server_stats(address))
     while time.monotonic() < deadline:
         await trio.sleep(SETTLE_S)
         now = _cleaner_totals(await _server_stats(address))
@@ -385,7 +385,8 @@ async def _interleaved(clusters: _Clusters, seed: int, blocks: int) -> list[Row]
             for i, target in enumerate(targets):
                 start = _cleaner_totals(await _server_stats(target.address))[0]
                 win = await target.run("sequential", per_block, block_s)
-                in_window[i] += _cleaner_totals(await _server_stats(target.address))[0] - start
+                ended = _cleaner_totals(await _server_stats(target.address))
+                in_window[i] += ended[0] - start
                 old = windows[i]
                 windows[i] = _Window(
                     old.objects + win.objects,
@@ -394,7 +395,7 @@ async def _interleaved(clusters: _Clusters, seed: int, blocks: int) -> list[Row]
                     old.truncated or win.truncated,
                 )
                 # a cleaner catching up must not run beside the next server's block
-                await _settle(target.address)
+                await _settle(target.address, ended)
         rows = []
         for t, w, s0, moved in zip(targets, windows, before, in_window, strict=True):
             row = t.row("sequential", w, s0, await _server_stats(t.address))
