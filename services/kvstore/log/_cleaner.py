@@ -1281,7 +1281,15 @@ class LogCleaner:
         e.count = b
 
     def _next_batch(self, job: _Cleaning, units: int) -> np.ndarray:
-        """The next candidates in global age order, about ``units`` of work; consumes them."""
+        """The next candidates in global age order, about ``units`` of work; consumes them.
+
+        A sequential pass offers one source at a time, but a batch goes on into the next
+        source while nothing must happen in between (see the loop). Its sources are small where
+        segments are (each is what the pass's survivors need room for), and a batch's fixed
+        numpy work (liveness, placement, copies) then served ~60 1 KB entries: batches of
+        several sources cut combined cleaning's cost per relocated entry by about a quarter
+        (1 KB and 100 B objects at 90% of a 16 MB log).
+        """
         e = job.entries
         assert e is not None
         heads: list[np.ndarray] = []
@@ -1292,37 +1300,59 @@ class LogCleaner:
         else:
             active = sum(1 for r, run in enumerate(job.runs) if job.cursors[r] < len(run))
             per_run = max(64, min(MAX_BATCH, MERGE_ELEMENTS // max(1, active)))
+        offered = offered_bytes = offered_cost = 0  # sequential: what earlier runs offered
         for r, run in enumerate(job.runs):
             c = job.cursors[r]
             if c >= len(run):
                 continue
             if job.sequential and c == 0:
-                if len(run) and job.current is not None and job.run_keys[r][0] < job.last_key:
-                    # Older than what the survivor holds: start a new one, so each survivor
-                    # stays in age order.
-                    self._close_survivor(job, job.current)
-                    job.current = None
-                if not self._fits_next(job, job.sources[r]):
-                    # Not even this source's survivors fit any more: end the pass here,
-                    # cleanly, rather than leave a source half moved.
-                    break
-            take = run[c : c + per_run]
+                if heads:
+                    # The batch goes on into this source only if nothing needs doing first:
+                    # its oldest entry is no older than the last one offered (the survivor
+                    # stays in age order), the batch has room for more, and the survivors of
+                    # what is offered plus this whole source surely fit.
+                    if (
+                        offered >= MAX_BATCH
+                        or offered_cost >= units - COST_BATCH
+                        or job.run_keys[r][0] < int(keys[-1][-1])
+                        or not self._fits_next(job, job.sources[r], offered_bytes)
+                    ):
+                        break
+                else:
+                    if len(run) and job.current is not None and job.run_keys[r][0] < job.last_key:
+                        # Older than what the survivor holds: start a new one, so each
+                        # survivor stays in age order.
+                        self._close_survivor(job, job.current)
+                        job.current = None
+                    if not self._fits_next(job, job.sources[r]):
+                        # Not even this source's survivors fit any more: end the pass here,
+                        # cleanly, rather than leave a source half moved.
+                        break
+            take = run[c : c + per_run - offered]
             heads.append(take)
-            keys.append(job.run_keys[r][c : c + per_run])
+            keys.append(job.run_keys[r][c : c + len(take)])
             owner.append(np.full(len(take), r, dtype=np.int64))
             if job.sequential:
-                break
+                if c + len(take) < len(run):
+                    break  # a source only partly offered: the next batch goes on with it
+                size = e.size[take]
+                offered += len(take)
+                offered_bytes += int(size.sum())
+                offered_cost += int((size + (size >> 3)).sum()) + COST_ENTRY * len(take)
         if not heads:
             return np.empty(0, dtype=np.int64)
         ids = np.concatenate(heads)
-        if len(heads) > 1:
+        if len(heads) == 1:
+            runs_of = owner[0]
+            sorted_keys = keys[0]
+        elif job.sequential:  # whole runs in order, each no older than the one before
+            runs_of = np.concatenate(owner)
+            sorted_keys = np.concatenate(keys)
+        else:
             order = np.argsort(np.concatenate(keys), kind="stable")
             ids = ids[order]
             runs_of = np.concatenate(owner)[order]
             sorted_keys = np.concatenate(keys)[order]
-        else:
-            runs_of = owner[0]
-            sorted_keys = keys[0]
         size = e.size[ids]
         fits = np.cumsum(size + (size >> 3) + COST_ENTRY) <= max(1, units - COST_BATCH)
         # At most per_run: a run offered only that many, and one of its later entries may be
@@ -1335,8 +1365,9 @@ class LogCleaner:
             job.cursors[r] += int(taken[r])
         return ids
 
-    def _fits_next(self, job: _Cleaning, src: Segment) -> bool:
-        """Whether the survivors of ``src`` surely fit in the seglets the pass can get."""
+    def _fits_next(self, job: _Cleaning, src: Segment, ahead: int = 0) -> bool:
+        """Whether the survivors of ``src`` surely fit in the seglets the pass can get, after
+        ``ahead`` bytes of entries still to be placed before them."""
         log = self._log
         log.reclaim()
         have = (
@@ -1346,7 +1377,7 @@ class LogCleaner:
         )
         cur = job.current
         spare = 0 if cur is None else cur.room()
-        return self._survivor_seglets(src.live_bytes - spare) <= have
+        return self._survivor_seglets(ahead + src.live_bytes - spare) <= have
 
     def _relocate(self, job: _Cleaning, budget: _Budget) -> None:
         e = job.entries

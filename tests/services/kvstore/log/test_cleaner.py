@@ -811,3 +811,93 @@ def test_an_interrupted_step_stops_after_one_small_unit_and_loses_nothing(
     assert (stats.compactions > 0) is compaction
     _model_check(m, model)
     assert sink.replay() == {(1, k): (v, m.read(1, k)[1]) for k, v in model.items()}
+
+
+def test_a_sequential_pass_batches_several_whole_sources_while_their_ages_follow_on() -> None:
+    """When survivors may not all exist at once (memory nearly full), a pass empties its
+    sources one after the other. A batch still goes on from one source into the next, as long
+    as the next one's oldest entry is no older than the batch's last (survivors stay in age
+    order), the batch has room, and the survivors of the batch plus the next whole source
+    surely fit: one batch's fixed numpy work then serves several small sources."""
+    sink = RecordingSink()
+    config = StorageConfig(
+        total_bytes=4 << 20,
+        segment_size=64 << 10,
+        seglet_size=2 << 10,
+        cleaner_reserve_segments=2,
+        write_limit=0.98,
+        hash_table_bytes=64 << 10,
+    )
+    now = [0.0]
+    om = ObjectManager(config, replica_sink=sink, clock=lambda: now[0])
+    om.add_tablet(1)
+    value = b"v" * 992
+    keys = int(0.90 * config.total_bytes / object_entry_size(8, len(value)))
+    rng = random.Random(5)
+    model: dict[bytes, bytes] = {}
+    cleaner = om.cleaner
+
+    def write(key_id: int) -> None:
+        key = key_id.to_bytes(8, "big")
+        for _ in range(5000):
+            try:
+                om.write(1, key, value[: 900 + key_id % 90])
+            except Retry:
+                assert cleaner.step(1.0, now[0])
+            else:
+                model[key] = value[: 900 + key_id % 90]
+                now[0] += 0.001
+                if cleaner.wants_to_run():
+                    cleaner.step(1.0, now[0])
+                return
+        raise AssertionError("write still refused")
+
+    def finish_pass() -> None:
+        while cleaner.busy:
+            cleaner.step(1.0, now[0])
+
+    for key_id in range(keys):
+        write(key_id)
+    spanned = 0
+    for _ in range(8):
+        for _ in range(keys // 8):
+            write(rng.randrange(keys))
+        finish_pass()
+        job = cleaner._start_cleaning(now[0])
+        if job is None or not job.sequential:
+            continue
+        budget = _cleaner._Budget(1 << 40, math.inf, lambda: 0.0)
+        while not cleaner._scan(job, budget):
+            pass
+        e = job.entries
+        assert e is not None
+        runs = [r for r, run in enumerate(job.runs) if len(run)]
+        # What the first batch may take, by the rule: whole runs while it holds.
+        want: list[int] = [runs[0]]
+        ahead = int(e.size[job.runs[runs[0]]].sum())
+        for r in runs[1:]:
+            if job.run_keys[r][0] < job.run_keys[want[-1]][-1]:
+                break
+            if not cleaner._fits_next(job, job.sources[r], ahead):
+                break
+            want.append(r)
+            ahead += int(e.size[job.runs[r]].sum())
+        ids = cleaner._next_batch(job, 1 << 40)
+        expected = [int(i) for r in want for i in job.runs[r]]
+        assert ids.tolist() == expected
+        assert sorted(set(e.src[ids].tolist())) == want
+        spanned += len(want) > 1
+        cleaner._pass = job  # the rest of the pass as the cleaner runs it
+        finish_pass()
+    assert spanned >= 2
+    assert om.stats().cleaner.aborted_passes == 0
+    _model_check(om, model)
+    assert sink.replay() == {(1, k): (v, om.read(1, k)[1]) for k, v in model.items()}
+    digest_holders = {sid for sid, d in sink.replicas.items() if _has_digest(d)}
+    for sid in set(sink.replicas) - digest_holders - sink.freed:
+        stamps = [
+            e.timestamp
+            for _, e in iter_entries_untrusted(sink.replicas[sid])
+            if isinstance(e, ObjectEntry | TombstoneEntry)
+        ]
+        assert stamps == sorted(stamps)
