@@ -604,6 +604,18 @@ def test_the_time_budget_alone_ends_a_step() -> None:
     assert cleaner.stats().bytes_relocated > 0
 
 
+# A 4 MiB log that 1 KB objects can fill to 90% of *total* memory (``rpcfast-perf cleaner
+# --quick`` at 90%): a 2-segment survivor reserve and a 98% write limit.
+SMALL_LOG_AT_90 = StorageConfig(
+    total_bytes=4 << 20,
+    segment_size=64 << 10,
+    seglet_size=2 << 10,
+    cleaner_reserve_segments=2,
+    write_limit=0.98,
+    hash_table_bytes=64 << 10,
+)
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_cleaner_never_wedges_with_memory_full_of_small_overwritten_objects(seed: int) -> None:
     """Regression: 100 B objects at 90% of the DEFAULT pool, few segments, small reserves.
@@ -660,14 +672,7 @@ def test_cleaner_keeps_up_at_90_percent_of_total_memory_on_a_small_log(seed: int
     to roll over into. Sources are now emptied and freed one after the other, and heads grow
     from the seglets the cleaner frees a few at a time.
     """
-    config = StorageConfig(
-        total_bytes=4 << 20,
-        segment_size=64 << 10,
-        seglet_size=2 << 10,
-        cleaner_reserve_segments=2,
-        write_limit=0.98,
-        hash_table_bytes=64 << 10,
-    )
+    config = SMALL_LOG_AT_90
     now = [0.0]
     om = ObjectManager(config, clock=lambda: now[0])
     om.add_tablet(1)
@@ -820,14 +825,7 @@ def test_a_sequential_pass_batches_several_whole_sources_while_their_ages_follow
     order), the batch has room, and the survivors of the batch plus the next whole source
     surely fit: one batch's fixed numpy work then serves several small sources."""
     sink = RecordingSink()
-    config = StorageConfig(
-        total_bytes=4 << 20,
-        segment_size=64 << 10,
-        seglet_size=2 << 10,
-        cleaner_reserve_segments=2,
-        write_limit=0.98,
-        hash_table_bytes=64 << 10,
-    )
+    config = SMALL_LOG_AT_90
     now = [0.0]
     om = ObjectManager(config, replica_sink=sink, clock=lambda: now[0])
     om.add_tablet(1)
@@ -839,13 +837,14 @@ def test_a_sequential_pass_batches_several_whole_sources_while_their_ages_follow
 
     def write(key_id: int) -> None:
         key = key_id.to_bytes(8, "big")
+        sized = value[: 900 + key_id % 90]
         for _ in range(5000):
             try:
-                om.write(1, key, value[: 900 + key_id % 90])
+                om.write(1, key, sized)
             except Retry:
                 assert cleaner.step(1.0, now[0])
             else:
-                model[key] = value[: 900 + key_id % 90]
+                model[key] = sized
                 now[0] += 0.001
                 if cleaner.wants_to_run():
                     cleaner.step(1.0, now[0])
