@@ -625,7 +625,21 @@ class LogCleaner:
         return self._live_entries(e, ids)
 
     def _live_entries(self, e: _Entries, ids: np.ndarray) -> np.ndarray:
-        """:meth:`_live` for entries ``ids`` of ``e``."""
+        """:meth:`_live` for entries ``ids`` of ``e``: one C call (``_relocate.live_slots``)
+        where the kernel is built and every object has its key hash in the index, else numpy.
+        """
+        if _c_kernel():
+            assert _relocate is not None
+            main, ovf = self._handlers.hash_table.areas()
+            slots = np.empty(len(ids), dtype=np.int64)
+            try:
+                done = _relocate.live_slots(
+                    e.flags, e.aux, e.ref, ids, main, ovf, self._present_segments(), slots
+                )
+            except ValueError as exc:
+                raise InternalError(f"liveness probe refused: {exc}") from exc
+            if done >= 0:
+                return slots
         flags = e.flags[ids]
         out = np.full(len(ids), -1, dtype=np.int64)
         if not flags.any():  # objects only, all with their key hash: the common case
@@ -1198,7 +1212,6 @@ class LogCleaner:
         twenty-five 8 MB segments of 100-byte objects hold ~1.3M entries, ~160 ms of arrays
         built at once. The blocks are joined once every source is scanned.
         """
-        arena = self._log.allocator.arena
         while job.scan_index < len(job.sources):
             i = job.scan_index
             seg = job.sources[i]
@@ -1210,12 +1223,7 @@ class LogCleaner:
             ids = ids[self._live_entries(block, ids) != -2]
             scanned = block.count
             block.keep(ids, i)
-            off = block.off
-            pos = seg.positions(off)
-            content = off + 2 + (arena[pos] >> 6).astype(np.int64)
-            stamp = np.zeros(len(off), dtype=np.int64)
-            for k in range(4):  # the timestamp is bytes 4..7 of the content
-                stamp |= arena[seg.positions(content + 4 + k)].astype(np.int64) << (8 * k)
+            stamp = self._stamps(seg, block.off)
             job.chunks.append(block)
             job.chunk_stamps.append(stamp)
             job.scan_pos = stop
@@ -1248,6 +1256,24 @@ class LogCleaner:
             job.entries = e
             job.joined = None
         return True
+
+    def _stamps(self, seg: Segment, off: np.ndarray) -> np.ndarray:
+        """Timestamps (bytes 4..7 of the content) of ``seg``'s entries at offsets ``off``."""
+        stamp = np.empty(len(off), dtype=np.int64)
+        if _c_kernel():
+            assert _relocate is not None
+            bases = np.array(seg.bases, dtype=np.int64)
+            try:
+                _relocate.entry_stamps(self._log.allocator.view, seg.seglet_size, bases, off, stamp)
+            except ValueError as exc:
+                raise InternalError(f"timestamp gather refused: {exc}") from exc
+            return stamp
+        arena = self._log.allocator.arena
+        content = off + 2 + (arena[seg.positions(off)] >> 6).astype(np.int64)
+        stamp[:] = 0
+        for k in range(4):
+            stamp |= arena[seg.positions(content + 4 + k)].astype(np.int64) << (8 * k)
+        return stamp
 
     @staticmethod
     def _append_block(job: _Cleaning, block: _Entries) -> None:

@@ -31,3 +31,17 @@ def compact_range(
     cost_entry: int,
     /,
 ) -> tuple[int, int, int, int, int, int]: ...
+def live_slots(
+    flags: Any,
+    aux: Any,
+    ref: Any,
+    ids: Any,
+    main: Any,
+    ovf: Any,
+    present: Any,
+    out: Any,
+    /,
+) -> int: ...
+def entry_stamps(
+    arena: memoryview, seglet_size: int, bases: Any, off: Any, out: Any, /
+) -> None: ...

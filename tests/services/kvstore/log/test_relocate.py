@@ -116,6 +116,9 @@ def test_c_path_is_used_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
     real = _relocate.compact_range
 
     class Spy:
+        live_slots = staticmethod(_relocate.live_slots)
+        entry_stamps = staticmethod(_relocate.entry_stamps)
+
         @staticmethod
         def compact_range(*args: object) -> tuple[int, ...]:
             calls.append(len(args))
@@ -124,6 +127,41 @@ def test_c_path_is_used_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_cleaner, "_relocate", Spy)
     _drive(om, clock, 5, 3000, {})
     assert calls
+
+
+def test_combined_cleaning_probes_and_reads_timestamps_in_c(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scan's liveness probe and timestamps, and each batch's second probe, are C calls
+    (the equivalence test above shows they decide what the numpy path decides)."""
+    clock = Clock()
+    om = _store(clock)
+    calls: dict[str, int] = {"live_slots": 0, "entry_stamps": 0}
+
+    def counted(name: str) -> object:
+        real = getattr(_relocate, name)
+
+        def call(*args: object) -> object:
+            calls[name] += 1
+            return real(*args)
+
+        return staticmethod(call)
+
+    spy = type(
+        "Spy",
+        (),
+        {
+            "compact_range": staticmethod(_relocate.compact_range),
+            "live_slots": counted("live_slots"),
+            "entry_stamps": counted("entry_stamps"),
+        },
+    )
+    monkeypatch.setattr(_cleaner, "_relocate", spy)
+    _drive(om, clock, 1, 6000, {})
+    cleaned = om.cleaner.stats().segments_cleaned
+    assert cleaned > 0
+    assert calls["entry_stamps"] >= cleaned  # one a scanned chunk: a source at least
+    assert calls["live_slots"] > calls["entry_stamps"]  # the scan's and every batch's probe
 
 
 def _batch_args(room: int) -> tuple[list[object], bytearray, np.ndarray]:
@@ -229,6 +267,115 @@ def test_compact_range_rejects_inconsistent_arguments(index: int, bad: object) -
     with pytest.raises(ValueError):
         _relocate.compact_range(*args)
     assert (bytes(arena), main.tobytes()) == before
+
+
+def _probe_args() -> tuple[list[object], np.ndarray]:
+    """Five index entries: a live object in the main bucket, one in the overflow bucket it
+    chains to, a dead object, a tombstone of a present segment and one of a gone segment;
+    and an IDX_OTHER entry."""
+    buckets = 2
+    main = np.zeros(8 * buckets, dtype=np.uint64)
+    ovf = np.zeros(8, dtype=np.uint64)
+    refs = np.array([(1 << 24) | 10, (1 << 24) | 50, (1 << 24) | 90, 0, 0, 0], dtype=np.uint64)
+    main[8 + 2] = (np.uint64(0xCD) << np.uint64(48)) | refs[0]  # bucket 1, slot 2
+    main[8 + 7] = np.uint64(1 << 47) | np.uint64(buckets)  # chain bit: next is overflow 0
+    ovf[5] = refs[1]  # overflow bucket 0, slot 5: slot number 16 + 5
+    flags = np.array([0, 0, 0, 1, 1, 4], dtype=np.int64)  # TOMB = 1, OTHER = 4
+    aux = np.array([1, 3, 1, 7, 8, 0], dtype=np.uint64)  # bucket bits; tombstones: targets
+    present = np.array([2, 7, 9], dtype=np.uint64)
+    out = np.full(6, 99, dtype=np.int64)
+    ids = np.arange(6, dtype=np.int64)
+    return [flags, aux, refs, ids, main, ovf, present, out], out
+
+
+def test_live_slots_numbers_main_then_overflow_slots_and_judges_tombstones() -> None:
+    args, out = _probe_args()
+    assert _relocate.live_slots(*args) == 6
+    assert out.tolist() == [10, 21, -2, -1, -2, -2]
+
+
+def test_live_slots_takes_ids_in_any_order() -> None:
+    args, _out = _probe_args()
+    args[3] = np.array([4, 0], dtype=np.int64)
+    out = np.zeros(2, dtype=np.int64)
+    args[7] = out
+    assert _relocate.live_slots(*args) == 2
+    assert out.tolist() == [-2, 10]
+
+
+def test_live_slots_leaves_objects_without_a_key_hash_to_numpy() -> None:
+    args, _out = _probe_args()
+    args[0] = np.array([0, 2, 0, 1, 1, 4], dtype=np.int64)  # NO_HASH = 2
+    assert _relocate.live_slots(*args) == -1
+
+
+@pytest.mark.parametrize(
+    ("index", "bad"),
+    [
+        (3, np.array([6], dtype=np.int64)),  # an id past the entries
+        (3, np.array([-1], dtype=np.int64)),
+        (1, np.zeros(5, dtype=np.uint64)),  # arrays of different lengths
+        (4, np.zeros(24, dtype=np.uint64)),  # three buckets
+        (7, np.zeros(2, dtype=np.int64)),  # out shorter than ids
+        (0, np.zeros(6, dtype=np.int32)),  # not 8-byte items: 3 of them
+    ],
+)
+def test_live_slots_rejects_inconsistent_arguments(index: int, bad: object) -> None:
+    args, _out = _probe_args()
+    args[index] = bad
+    with pytest.raises(ValueError):
+        _relocate.live_slots(*args)
+
+
+def test_live_slots_rejects_a_chain_that_leaves_the_overflow_area() -> None:
+    args, _out = _probe_args()
+    main = args[4]
+    assert isinstance(main, np.ndarray)
+    main[8 + 7] = np.uint64(1 << 47) | np.uint64(9)  # overflow bucket 7: there is one
+    with pytest.raises(ValueError, match="overflow"):
+        _relocate.live_slots(*args)
+
+
+def test_entry_stamps_reads_each_timestamp_across_seglet_boundaries() -> None:
+    """Entries with one and two length bytes; the second's timestamp straddles seglets 0|1,
+    which the segment holds at arena positions 64 and 0 (out of order)."""
+    seglet = 32
+    arena = bytearray(96)
+    segment = bytearray(64)
+    segment[0] = 0x02  # object, one length byte: content at 2, timestamp at 6..9
+    segment[6:10] = (0x11223344).to_bytes(4, "little")
+    segment[20] = 0x40 | 0x02  # two length bytes: content at 23, timestamp at 27..30
+    segment[27:31] = (0xA1B2C3D4).to_bytes(4, "little")
+    arena[64:96] = segment[0:32]
+    arena[0:32] = segment[32:64]
+    bases = np.array([64, 0], dtype=np.int64)
+    out = np.zeros(2, dtype=np.int64)
+    _relocate.entry_stamps(arena, seglet, bases, np.array([0, 20], dtype=np.int64), out)
+    assert out.tolist() == [0x11223344, 0xA1B2C3D4]
+
+
+@pytest.mark.parametrize(
+    ("off", "match"),
+    [(-1, "offset"), (64, "offset"), (58, "header")],
+)
+def test_entry_stamps_refuses_entries_outside_the_segment(off: int, match: str) -> None:
+    arena = bytearray(64)
+    out = np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match=match):
+        _relocate.entry_stamps(
+            arena, 32, np.array([0, 32], dtype=np.int64), np.array([off], dtype=np.int64), out
+        )
+
+
+def test_entry_stamps_refuses_a_seglet_outside_the_arena() -> None:
+    with pytest.raises(ValueError, match="outside the arena"):
+        _relocate.entry_stamps(
+            bytearray(64),
+            32,
+            np.array([0, 40], dtype=np.int64),
+            np.array([0], dtype=np.int64),
+            np.zeros(1, dtype=np.int64),
+        )
 
 
 def test_the_cleaner_turns_a_refusal_into_an_internal_error(
