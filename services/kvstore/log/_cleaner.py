@@ -20,7 +20,9 @@ its reference), runs of live entries that are contiguous in the source are copie
 slice copy each, and the hash table is repointed with one scatter. Check, copy and repoint
 happen in the same slice, so an object overwritten or removed between slices is never
 resurrected. Copying bytes keeps each entry's checksum, which recovery verifies; the cleaner
-trusts its own memory as the request paths do.
+trusts its own memory as the request paths do. Where the C kernels are built
+(``_relocate.c``), a compaction batch is one call, and combined cleaning's probes, timestamp
+gathers and placements are one call each; the numpy path is their twin.
 
 Combined cleaning scans each source once (its index plus the entries' timestamps, gathered
 with numpy), sorts each source's candidates by age, and relocates in global age order by
@@ -691,6 +693,8 @@ class LogCleaner:
         e = job.entries
         assert e is not None
         sources = job.sources
+        if _c_kernel():
+            return self._place_c(job, e, ids, slots, dst)
         src = e.src[ids]
         off = e.off[ids]
         size = e.size[ids]
@@ -743,6 +747,62 @@ class LogCleaner:
                     sources[i].tombstone_bytes -= int(per_tomb[i])
                 dst.tombstone_bytes += int(size[tomb].sum())
                 self._move_tombstones(sources, src[tomb], aux[tomb], size[tomb], dst)
+        self._bytes_relocated += total
+        self._entries_relocated += n
+        return total
+
+    def _place_c(
+        self, job: _Cleaning, e: _Entries, ids: np.ndarray, slots: np.ndarray, dst: Segment
+    ) -> int:
+        """:meth:`_place` in one C call (``_relocate.place_entries``), then the accounting."""
+        assert _relocate is not None
+        sources = job.sources
+        n = len(ids)
+        bases, src_first, dst_first = self._bases_table(sources, [dst])
+        main, ovf = self._handlers.hash_table.areas()
+        words = np.empty(n, dtype=np.uint64)
+        acct = np.empty(2 * len(sources), dtype=np.int64)
+        try:
+            total = int(
+                _relocate.place_entries(
+                    self._log.allocator.view,
+                    self._log.seglet_size,
+                    bases,
+                    src_first,
+                    int(dst_first[0]),
+                    dst.length,
+                    dst.slot << OFFSET_BITS,
+                    ids,
+                    slots,
+                    e.src,
+                    e.off,
+                    e.size,
+                    e.flags,
+                    e.aux,
+                    main,
+                    ovf,
+                    words,
+                    acct,
+                )
+            )
+        except ValueError as exc:
+            raise InternalError(f"survivor placement refused: {exc}") from exc
+        dst.length += total
+        dst.idx.frombytes(words.tobytes())
+        dst.live_bytes += total
+        tomb_total = 0
+        for i in np.flatnonzero(acct[0::2]).tolist():
+            moved = int(acct[2 * i])
+            tomb_bytes = int(acct[2 * i + 1])
+            sources[i].live_bytes -= moved
+            sources[i].tombstone_bytes -= tomb_bytes
+            tomb_total += tomb_bytes
+        if tomb_total:
+            dst.tombstone_bytes += tomb_total
+            if len(sources) > 1 or sources[0].id != dst.id:
+                tomb = np.flatnonzero((e.flags[ids] & IDX_TOMB) != 0)
+                t_ids = ids[tomb]
+                self._move_tombstones(sources, e.src[t_ids], e.aux[t_ids], e.size[t_ids], dst)
         self._bytes_relocated += total
         self._entries_relocated += n
         return total

@@ -8,9 +8,11 @@
  * repointing and the new index words. It takes the pass's arrays whole, with the batch's
  * bounds, so that a batch costs the interpreter one call and a few integers (the numpy
  * slicing and accounting around each call had cost ~50 us a batch, more than the batch).
- * Combined cleaning uses two smaller loops: live_slots (the liveness probe of a batch or of
- * a scanned chunk) and entry_stamps (the timestamps its sort by age needs); their numpy
- * twins cost ~15 numpy calls a chunk, and a quarter of all the cleaner's time at 100 B.
+ * Combined cleaning uses three smaller loops: live_slots (the liveness probe of a batch or
+ * of a scanned chunk), entry_stamps (the timestamps its sort by age needs) and
+ * place_entries (a batch's copies into a survivor, repointing and index words); their numpy
+ * twins cost ~15 numpy calls a chunk or batch, and over a third of the cleaner's time at
+ * 100 B.
  * The numpy path stays for pure-Python installs and for entries without a key hash in the
  * index (which need the object manager).
  *
@@ -552,10 +554,168 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(
+    place_entries_doc,
+    "place_entries(arena, seglet_size, bases, src_first, dst_first, start, dst_bits, ids,\n"
+    "              slots, src, off, size, flags, aux, main, ovf, words, acct) -> bytes placed\n\n"
+    "Combined cleaning's placement: copy the entries ``ids`` of a pass's arrays (``src``,\n"
+    "``off``, ``size``, ``flags``: int64; ``aux``: uint64), in this order, back to back to\n"
+    "the survivor from its byte ``start``. ``bases`` holds arena positions of seglets: source s's\n"
+    "from ``bases[src_first[s]]``, the survivor's from ``bases[dst_first]``. An entry whose\n"
+    "``slots`` element is a hash-table slot (as live_slots numbers them) is repointed there,\n"
+    "its tag kept (``dst_bits`` | new offset); -1 marks a tombstone. ``words`` (uint64) gets\n"
+    "the new index words, ``acct`` (int64, zeroed first) bytes and tombstone bytes placed per\n"
+    "source. Raises ValueError, and changes nothing, when an argument is inconsistent or the\n"
+    "survivor's seglets cannot hold the entries.");
+
+#define PLACE_NARGS 18
+
+static PyObject *
+place_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != PLACE_NARGS) {
+        PyErr_Format(PyExc_TypeError, "place_entries takes %d arguments", PLACE_NARGS);
+        return NULL;
+    }
+    Buf b[PLACE_NARGS];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    Py_ssize_t seglet, dst_first, start;
+    if (get_count(args[1], &seglet, "seglet_size") < 0 ||
+        get_count(args[4], &dst_first, "dst_first") < 0 || get_count(args[5], &start, "start") < 0) {
+        return NULL;
+    }
+    uint64_t dst_bits = PyLong_AsUnsignedLongLong(args[6]);
+    if (dst_bits == (uint64_t)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (seglet == 0) {
+        PyErr_SetString(PyExc_ValueError, "seglet_size must be positive");
+        return NULL;
+    }
+    static const char *names[PLACE_NARGS] = {
+        "arena", "", "bases", "src_first", "", "", "", "ids", "slots", "src", "off", "size",
+        "flags", "aux", "main", "ovf", "words", "acct"};
+    for (int i = 0; i < PLACE_NARGS; i++) {
+        if (names[i][0] == '\0') {
+            continue;
+        }
+        int writable = i == 0 || i == 14 || i == 15 || i == 16 || i == 17;
+        if (get(&b[i], args[i], writable, i == 0 ? 1 : 8, names[i]) < 0) {
+            goto done;
+        }
+    }
+    unsigned char *arena = (unsigned char *)b[0].view.buf;
+    Py_ssize_t arena_len = b[0].view.len;
+    const int64_t *bases = AT(b[2], int64_t), *src_first = AT(b[3], int64_t);
+    Py_ssize_t nbases = COUNT(b[2], int64_t), nsources = COUNT(b[3], int64_t);
+    const int64_t *ids = AT(b[7], int64_t), *slots = AT(b[8], int64_t);
+    Py_ssize_t n = COUNT(b[7], int64_t);
+    const int64_t *src = AT(b[9], int64_t), *off = AT(b[10], int64_t);
+    const int64_t *size = AT(b[11], int64_t), *flags = AT(b[12], int64_t);
+    const uint64_t *aux = AT(b[13], uint64_t);
+    Py_ssize_t count = COUNT(b[9], int64_t);
+    uint64_t *main = AT(b[14], uint64_t), *ovf = AT(b[15], uint64_t);
+    Py_ssize_t main_entries = COUNT(b[14], uint64_t), ovf_entries = COUNT(b[15], uint64_t);
+    uint64_t *words = AT(b[16], uint64_t);
+    int64_t *acct = AT(b[17], int64_t);
+    if (COUNT(b[8], int64_t) != n || COUNT(b[16], uint64_t) < n ||
+        COUNT(b[17], int64_t) < 2 * nsources) {
+        PyErr_SetString(PyExc_ValueError, "slots, words or acct too short");
+        goto done;
+    }
+    if (COUNT(b[10], int64_t) != count || COUNT(b[11], int64_t) != count ||
+        COUNT(b[12], int64_t) != count || COUNT(b[13], uint64_t) != count) {
+        PyErr_SetString(PyExc_ValueError, "per-entry arrays disagree in length");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nbases; k++) {
+        if (bases[k] < 0 || bases[k] > arena_len - seglet) {
+            PyErr_Format(PyExc_ValueError, "seglet base %zd outside the arena", k);
+            goto done;
+        }
+    }
+    if (dst_first > nbases) {
+        PyErr_SetString(PyExc_ValueError, "dst_first past the bases");
+        goto done;
+    }
+    /* Pass 1: check everything, so that nothing is written unless all of it can be. */
+    int64_t total = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        int64_t i = ids[j];
+        if (i < 0 || i >= count) {
+            PyErr_Format(PyExc_ValueError, "id %lld out of range", (long long)i);
+            goto done;
+        }
+        int64_t s = src[i];
+        if (s < 0 || s >= nsources || size[i] <= 0 || off[i] < 0 || src_first[s] < 0 ||
+            src_first[s] + (off[i] + size[i] - 1) / seglet >= nbases) {
+            PyErr_Format(PyExc_ValueError, "entry %lld: bad source, offset or size", (long long)i);
+            goto done;
+        }
+        int64_t slot = slots[j];
+        if (slot < -1 || slot >= (int64_t)(main_entries + ovf_entries)) {
+            PyErr_Format(PyExc_ValueError, "slot %lld out of range", (long long)slot);
+            goto done;
+        }
+        total += size[i];
+    }
+    if (n && dst_first + (start + total - 1) / seglet >= nbases) {
+        PyErr_SetString(PyExc_ValueError, "the survivor's seglets cannot hold the entries");
+        goto done;
+    }
+    for (Py_ssize_t s = 0; s < 2 * nsources; s++) {
+        acct[s] = 0;
+    }
+    /* Pass 2: copy, repoint, index, account. */
+    int64_t at = start;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        int64_t i = ids[j];
+        int64_t s = src[i];
+        int64_t so = off[i], dof = at, left = size[i];
+        while (left > 0) {
+            int64_t sp = position(bases, src_first[s], so, seglet);
+            int64_t dp = position(bases, dst_first, dof, seglet);
+            int64_t chunk = left;
+            if (seglet - so % seglet < chunk) {
+                chunk = seglet - so % seglet;
+            }
+            if (seglet - dof % seglet < chunk) {
+                chunk = seglet - dof % seglet;
+            }
+            memmove(arena + dp, arena + sp, (size_t)chunk);
+            so += chunk;
+            dof += chunk;
+            left -= chunk;
+        }
+        int64_t slot = slots[j];
+        if (slot >= 0) {
+            uint64_t *e = slot < main_entries ? &main[slot] : &ovf[slot - main_entries];
+            *e = (*e & TAG_BITS) | dst_bits | (uint64_t)at;
+        }
+        if (flags[i] & IDX_TOMB) {
+            acct[2 * s + 1] += size[i];
+        }
+        acct[2 * s] += size[i];
+        words[j] = (uint64_t)at << IDX_OFFSET_SHIFT | aux[i] << IDX_SHIFT | (uint64_t)flags[i];
+        at += size[i];
+    }
+    result = PyLong_FromLongLong((long long)total);
+done:
+    for (int i = 0; i < PLACE_NARGS; i++) {
+        if (b[i].held) {
+            PyBuffer_Release(&b[i].view);
+        }
+    }
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"compact_range", (PyCFunction)(void (*)(void))compact_range, METH_FASTCALL,
      compact_range_doc},
     {"live_slots", (PyCFunction)(void (*)(void))live_slots, METH_FASTCALL, live_slots_doc},
+    {"place_entries", (PyCFunction)(void (*)(void))place_entries, METH_FASTCALL,
+     place_entries_doc},
     {"entry_stamps", (PyCFunction)(void (*)(void))entry_stamps, METH_FASTCALL, entry_stamps_doc},
     {NULL, NULL, 0, NULL},
 };

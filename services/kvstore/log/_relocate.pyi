@@ -45,3 +45,24 @@ def live_slots(
 def entry_stamps(
     arena: memoryview, seglet_size: int, bases: Any, off: Any, out: Any, /
 ) -> None: ...
+def place_entries(
+    arena: memoryview,
+    seglet_size: int,
+    bases: Any,
+    src_first: Any,
+    dst_first: int,
+    start: int,
+    dst_bits: int,
+    ids: Any,
+    slots: Any,
+    src: Any,
+    off: Any,
+    size: Any,
+    flags: Any,
+    aux: Any,
+    main: Any,
+    ovf: Any,
+    words: Any,
+    acct: Any,
+    /,
+) -> int: ...

@@ -118,6 +118,7 @@ def test_c_path_is_used_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
     class Spy:
         live_slots = staticmethod(_relocate.live_slots)
         entry_stamps = staticmethod(_relocate.entry_stamps)
+        place_entries = staticmethod(_relocate.place_entries)
 
         @staticmethod
         def compact_range(*args: object) -> tuple[int, ...]:
@@ -129,14 +130,14 @@ def test_c_path_is_used_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls
 
 
-def test_combined_cleaning_probes_and_reads_timestamps_in_c(
+def test_combined_cleaning_probes_reads_timestamps_and_places_in_c(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The scan's liveness probe and timestamps, and each batch's second probe, are C calls
-    (the equivalence test above shows they decide what the numpy path decides)."""
+    """The scan's liveness probe and timestamps, each batch's second probe and its placement
+    are C calls (the equivalence test above shows they do what the numpy path does)."""
     clock = Clock()
     om = _store(clock)
-    calls: dict[str, int] = {"live_slots": 0, "entry_stamps": 0}
+    calls: dict[str, int] = {"live_slots": 0, "entry_stamps": 0, "place_entries": 0}
 
     def counted(name: str) -> object:
         real = getattr(_relocate, name)
@@ -154,6 +155,7 @@ def test_combined_cleaning_probes_and_reads_timestamps_in_c(
             "compact_range": staticmethod(_relocate.compact_range),
             "live_slots": counted("live_slots"),
             "entry_stamps": counted("entry_stamps"),
+            "place_entries": counted("place_entries"),
         },
     )
     monkeypatch.setattr(_cleaner, "_relocate", spy)
@@ -162,6 +164,7 @@ def test_combined_cleaning_probes_and_reads_timestamps_in_c(
     assert cleaned > 0
     assert calls["entry_stamps"] >= cleaned  # one a scanned chunk: a source at least
     assert calls["live_slots"] > calls["entry_stamps"]  # the scan's and every batch's probe
+    assert calls["place_entries"] >= om.cleaner.stats().survivor_segments
 
 
 def _batch_args(room: int) -> tuple[list[object], bytearray, np.ndarray]:
@@ -376,6 +379,82 @@ def test_entry_stamps_refuses_a_seglet_outside_the_arena() -> None:
             np.array([0], dtype=np.int64),
             np.zeros(1, dtype=np.int64),
         )
+
+
+def _place_args() -> tuple[list[object], bytearray, np.ndarray]:
+    """Two sources (seglets at 0 and 32; 64) with entries of 20, 16 and 12 bytes; a survivor
+    with seglets at 96 and 128 (32 bytes each) filled to byte 4; one hash bucket holding the
+    first and third entries (the second is a tombstone)."""
+    arena = bytearray(range(160))
+    bases = np.array([0, 32, 64, 96, 128], dtype=np.int64)
+    main = np.zeros(8, dtype=np.uint64)
+    main[1] = (np.uint64(0xEE) << np.uint64(48)) | np.uint64((1 << 24) | 10)
+    main[6] = np.uint64((2 << 24) | 0)
+    args: list[object] = [
+        arena,
+        32,  # seglet_size
+        bases,
+        np.array([0, 2], dtype=np.int64),  # src_first
+        3,  # dst_first
+        4,  # start
+        7 << 24,  # dst_bits
+        np.array([2, 0, 1], dtype=np.int64),  # ids: source 1's entry first
+        np.array([6, 1, -1], dtype=np.int64),  # slots
+        np.array([0, 0, 1], dtype=np.int64),  # src
+        np.array([10, 30, 0], dtype=np.int64),  # off: entry 1 straddles 0|1
+        np.array([20, 16, 12], dtype=np.int64),  # size
+        np.array([0, 1, 0], dtype=np.int64),  # flags: entry 1 a tombstone
+        np.array([5, 9, 3], dtype=np.uint64),  # aux
+        main,
+        np.zeros(0, dtype=np.uint64),  # ovf
+        np.zeros(3, dtype=np.uint64),  # words
+        np.full(4, 7, dtype=np.int64),  # acct
+    ]
+    return args, arena, main
+
+
+def test_place_entries_copies_in_order_repoints_and_accounts() -> None:
+    args, arena, main = _place_args()
+    before = bytes(arena)
+    assert _relocate.place_entries(*args) == 48
+    survivor = bytes(arena[96:160])
+    # entry 2 (source 1, offset 0: arena 64..76) at 4; entry 0 (arena 10..30) at 16;
+    # entry 1 (arena 30..32 then 32..46) at 36, across the survivor's seglets at 32
+    assert survivor[4:16] == before[64:76]
+    assert survivor[16:36] == before[10:30]
+    assert survivor[36:52] == before[30:46]
+    assert int(main[6]) == (7 << 24) | 4
+    assert int(main[1]) == (0xEE << 48) | (7 << 24) | 16  # the tag kept
+    words = args[16]
+    assert isinstance(words, np.ndarray)
+    assert (words >> np.uint64(40)).tolist() == [4, 16, 36]
+    assert (words & np.uint64(7)).tolist() == [0, 0, 1]
+    assert ((words >> np.uint64(3)) & np.uint64(0xFF)).tolist() == [3, 5, 9]
+    assert args[17].tolist() == [36, 16, 12, 0]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("index", "bad"),
+    [
+        (5, 60),  # start: 60 + 48 bytes pass the survivor's two seglets
+        (7, np.array([3], dtype=np.int64)),  # an id past the entries
+        (8, np.array([6, 1, 9], dtype=np.int64)),  # a slot past the table
+        (8, np.array([6, 1], dtype=np.int64)),  # fewer slots than ids
+        (9, np.array([0, 0, 2], dtype=np.int64)),  # a source that is not there
+        (10, np.array([10, 30, 200], dtype=np.int64)),  # an entry past every seglet
+        (2, np.array([0, 32, 64, 96, 140], dtype=np.int64)),  # a seglet past the arena
+        (17, np.zeros(3, dtype=np.int64)),  # acct shorter than two a source
+    ],
+)
+def test_place_entries_rejects_inconsistent_arguments_and_changes_nothing(
+    index: int, bad: object
+) -> None:
+    args, arena, main = _place_args()
+    args[index] = bad
+    before = (bytes(arena), main.tobytes())
+    with pytest.raises(ValueError):
+        _relocate.place_entries(*args)
+    assert (bytes(arena), main.tobytes()) == before
 
 
 def test_the_cleaner_turns_a_refusal_into_an_internal_error(
