@@ -121,6 +121,54 @@ position(const int64_t *bases, int64_t first, int64_t off, int64_t size)
     return bases[first + off / size] + off % size;
 }
 
+/* Copy ``length`` bytes from offset ``so`` of the segment whose seglets start at
+ * bases[src_first] to offset ``dof`` of the one whose seglets start at bases[dst_first], cut
+ * at both sides' seglet boundaries (the caller checked every seglet the copy reaches). */
+static inline void
+copy_entry(unsigned char *arena, const int64_t *bases, int64_t seglet, int64_t src_first,
+           int64_t so, int64_t dst_first, int64_t dof, int64_t length)
+{
+    while (length > 0) {
+        int64_t sp = position(bases, src_first, so, seglet);
+        int64_t dp = position(bases, dst_first, dof, seglet);
+        int64_t chunk = length;
+        if (seglet - so % seglet < chunk) {
+            chunk = seglet - so % seglet;
+        }
+        if (seglet - dof % seglet < chunk) {
+            chunk = seglet - dof % seglet;
+        }
+        memmove(arena + dp, arena + sp, (size_t)chunk);
+        so += chunk;
+        dof += chunk;
+        length -= chunk;
+    }
+}
+
+/* 0 if every seglet base lies wholly inside the arena, else -1 with ValueError set. */
+static int
+check_bases(const int64_t *bases, Py_ssize_t nbases, Py_ssize_t arena_len, Py_ssize_t seglet)
+{
+    for (Py_ssize_t k = 0; k < nbases; k++) {
+        if (bases[k] < 0 || bases[k] > arena_len - seglet) {
+            PyErr_Format(PyExc_ValueError, "seglet base %zd outside the arena", k);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Release the buffers ``get`` took. */
+static void
+release_all(Buf *b, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (b[i].held) {
+            PyBuffer_Release(&b[i].view);
+        }
+    }
+}
+
 PyDoc_STRVAR(
     compact_range_doc,
     "compact_range(arena, seglet_size, bases, nbases, src_first, dst_first, dst_length,\n"
@@ -243,11 +291,8 @@ compact_range(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     uint64_t *words = AT(b[19], uint64_t);
     int64_t *acct = AT(b[20], int64_t);
 
-    for (Py_ssize_t k = 0; k < nbases; k++) {
-        if (bases[k] < 0 || bases[k] > arena_len - seglet) {
-            PyErr_Format(PyExc_ValueError, "seglet base %zd outside the arena", k);
-            goto done;
-        }
+    if (check_bases(bases, nbases, arena_len, seglet) < 0) {
+        goto done;
     }
 
     /* The batch: what fits the room (at least one entry), as the numpy path cuts it. */
@@ -336,22 +381,7 @@ compact_range(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int64_t s = src[i];
         int64_t length = size[i];
         int64_t at = dst_length[s];
-        int64_t so = off[i], dof = at, left = length;
-        while (left > 0) {
-            int64_t sp = position(bases, src_first[s], so, seglet);
-            int64_t dp = position(bases, dst_first[s], dof, seglet);
-            int64_t chunk = left;
-            if (seglet - so % seglet < chunk) {
-                chunk = seglet - so % seglet;
-            }
-            if (seglet - dof % seglet < chunk) {
-                chunk = seglet - dof % seglet;
-            }
-            memmove(arena + dp, arena + sp, (size_t)chunk);
-            so += chunk;
-            dof += chunk;
-            left -= chunk;
-        }
+        copy_entry(arena, bases, seglet, src_first[s], off[i], dst_first[s], at, length);
         dst_length[s] = at + length;
         if (slots[j] != &tomb_marker) {
             uint64_t new_ref = dst_bits[s] | (uint64_t)at;
@@ -370,11 +400,7 @@ compact_range(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 done:
     PyMem_Free(slots);
     PyMem_Free(need);
-    for (int i = 0; i < NARGS; i++) {
-        if (b[i].held) {
-            PyBuffer_Release(&b[i].view);
-        }
-    }
+    release_all(b, NARGS);
     return result;
 }
 
@@ -470,11 +496,7 @@ live_slots(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     result = PyLong_FromSsize_t(n);
 done:
-    for (int i = 0; i < LIVE_NARGS; i++) {
-        if (b[i].held) {
-            PyBuffer_Release(&b[i].view);
-        }
-    }
+    release_all(b, LIVE_NARGS);
     return result;
 }
 
@@ -517,11 +539,8 @@ entry_stamps(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "out holds fewer elements than off");
         goto done;
     }
-    for (Py_ssize_t k = 0; k < nbases; k++) {
-        if (bases[k] < 0 || bases[k] > arena_len - seglet) {
-            PyErr_Format(PyExc_ValueError, "seglet base %zd outside the arena", k);
-            goto done;
-        }
+    if (check_bases(bases, nbases, arena_len, seglet) < 0) {
+        goto done;
     }
     int64_t *out = AT(b[4], int64_t);
     /* [type byte][1-4 length bytes][crc u32][timestamp u32]: the last byte read is at most
@@ -546,11 +565,7 @@ entry_stamps(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < 5; i++) {
-        if (b[i].held) {
-            PyBuffer_Release(&b[i].view);
-        }
-    }
+    release_all(b, 5);
     return result;
 }
 
@@ -629,11 +644,8 @@ place_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "per-entry arrays disagree in length");
         goto done;
     }
-    for (Py_ssize_t k = 0; k < nbases; k++) {
-        if (bases[k] < 0 || bases[k] > arena_len - seglet) {
-            PyErr_Format(PyExc_ValueError, "seglet base %zd outside the arena", k);
-            goto done;
-        }
+    if (check_bases(bases, nbases, arena_len, seglet) < 0) {
+        goto done;
     }
     if (dst_first > nbases) {
         PyErr_SetString(PyExc_ValueError, "dst_first past the bases");
@@ -672,22 +684,7 @@ place_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t j = 0; j < n; j++) {
         int64_t i = ids[j];
         int64_t s = src[i];
-        int64_t so = off[i], dof = at, left = size[i];
-        while (left > 0) {
-            int64_t sp = position(bases, src_first[s], so, seglet);
-            int64_t dp = position(bases, dst_first, dof, seglet);
-            int64_t chunk = left;
-            if (seglet - so % seglet < chunk) {
-                chunk = seglet - so % seglet;
-            }
-            if (seglet - dof % seglet < chunk) {
-                chunk = seglet - dof % seglet;
-            }
-            memmove(arena + dp, arena + sp, (size_t)chunk);
-            so += chunk;
-            dof += chunk;
-            left -= chunk;
-        }
+        copy_entry(arena, bases, seglet, src_first[s], off[i], dst_first, at, size[i]);
         int64_t slot = slots[j];
         if (slot >= 0) {
             uint64_t *e = slot < main_entries ? &main[slot] : &ovf[slot - main_entries];
@@ -702,11 +699,7 @@ place_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     result = PyLong_FromLongLong((long long)total);
 done:
-    for (int i = 0; i < PLACE_NARGS; i++) {
-        if (b[i].held) {
-            PyBuffer_Release(&b[i].view);
-        }
-    }
+    release_all(b, PLACE_NARGS);
     return result;
 }
 
