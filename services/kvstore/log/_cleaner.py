@@ -273,22 +273,46 @@ class _Entries:
             ends_at = [seg.length if stop >= len(seg.idx) else seg.idx[stop] >> IDX_OFFSET_SHIFT]
         total = sum(counts)
         words = np.frombuffer(joined, dtype=np.uint64)
+        ends = list(itertools.accumulate(counts))
+        self.first: list[int] = [0, *ends[:-1]]
+        self.ends = ends  # entry number just past each source's entries
+        self.count = total
+        slot_bits = [seg.slot << OFFSET_BITS for seg in sources]
+        if _c_kernel():  # one C loop instead of a dozen numpy passes (~5% of the cleaner's time)
+            assert _relocate is not None
+            self.off = np.empty(total, dtype=np.int64)
+            self.size = np.empty(total, dtype=np.int64)
+            self.flags = np.empty(total, dtype=np.int64)
+            self.aux = np.empty(total, dtype=np.uint64)
+            self.src = np.empty(total, dtype=np.int64)
+            self.ref = np.empty(total, dtype=np.uint64)
+            try:
+                _relocate.decode_index(
+                    words,
+                    np.array(counts, dtype=np.int64),
+                    np.array(ends_at, dtype=np.int64),
+                    np.array(slot_bits, dtype=np.uint64),
+                    self.off,
+                    self.size,
+                    self.flags,
+                    self.aux,
+                    self.src,
+                    self.ref,
+                )
+            except ValueError as exc:
+                raise InternalError(f"segment index inconsistent: {exc}") from exc
+            return
         off = (words >> _OFFSET_SHIFT).astype(np.int64)
         size = np.empty(total, dtype=np.int64)
         size[:-1] = off[1:] - off[:-1]
-        ends = np.cumsum(counts)
-        self.first: list[int] = [0, *ends[:-1].tolist()]
-        last = [e - 1 for e, c in zip(ends.tolist(), counts, strict=True) if c]
+        last = [e - 1 for e, c in zip(ends, counts, strict=True) if c]
         size[last] = [at for at, c in zip(ends_at, counts, strict=True) if c] - off[last]
         self.off = off
         self.size = size
         self.flags = (words & _FLAGS).astype(np.int64)
         self.aux = (words >> _SHIFT) & _AUX_MASK
         self.src = np.repeat(np.arange(len(sources), dtype=np.int64), counts)
-        self.count = total
-        self.ends = ends.tolist()  # entry number just past each source's entries
-        slot_bits = np.array([seg.slot << OFFSET_BITS for seg in sources], dtype=np.uint64)
-        self.ref = slot_bits[self.src] | off.astype(np.uint64)
+        self.ref = np.array(slot_bits, dtype=np.uint64)[self.src] | off.astype(np.uint64)
 
     def keep(self, ids: np.ndarray, source: int) -> None:
         """Keep entries ``ids`` only (of a one-source block, numbered ``source`` in its pass)."""

@@ -39,6 +39,8 @@
 #define IDX_OTHER 4
 #define IDX_SHIFT 3
 #define IDX_OFFSET_SHIFT 40
+#define IDX_FLAGS_MASK UINT64_C(7)
+#define IDX_AUX_MASK ((UINT64_C(1) << 37) - 1)
 #define OFFSET_BITS 24
 #define REF_BITS 47
 #define REF_MASK ((UINT64_C(1) << REF_BITS) - 1)
@@ -703,6 +705,91 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(
+    decode_index_doc,
+    "decode_index(words, counts, ends_at, slot_bits, off, size, flags, aux, src, ref) -> None\n\n"
+    "The cleaner's per-entry arrays for a pass (``_Entries``) from its sources' index words,\n"
+    "joined in source order (``words``, uint64): source s has ``counts[s]`` entries and its\n"
+    "last one ends at ``ends_at[s]``; ``slot_bits[s]`` is its reference prefix. Fills, one\n"
+    "element an entry: ``off`` (int64), ``size`` (int64: to the next entry of the source, or\n"
+    "to ``ends_at``), ``flags`` (int64), ``aux`` (uint64), ``src`` (int64, the source number)\n"
+    "and ``ref`` (uint64, ``slot_bits[src] | off``). Raises ValueError, with the outputs\n"
+    "unspecified, when the lengths disagree or an entry's size would not be positive.");
+
+#define DECODE_NARGS 10
+
+static PyObject *
+decode_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != DECODE_NARGS) {
+        PyErr_Format(PyExc_TypeError, "decode_index takes %d arguments", DECODE_NARGS);
+        return NULL;
+    }
+    Buf b[DECODE_NARGS];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    static const char *names[DECODE_NARGS] = {"words", "counts", "ends_at", "slot_bits", "off",
+                                              "size", "flags", "aux", "src", "ref"};
+    for (int i = 0; i < DECODE_NARGS; i++) {
+        if (get(&b[i], args[i], i >= 4, 8, names[i]) < 0) {
+            goto done;
+        }
+    }
+    Py_ssize_t total = COUNT(b[0], uint64_t);
+    Py_ssize_t nsources = COUNT(b[1], int64_t);
+    if (COUNT(b[2], int64_t) != nsources || COUNT(b[3], uint64_t) != nsources) {
+        PyErr_SetString(PyExc_ValueError, "per-source arrays disagree in length");
+        goto done;
+    }
+    for (int i = 4; i < DECODE_NARGS; i++) {
+        if (COUNT(b[i], int64_t) != total) {
+            PyErr_Format(PyExc_ValueError, "%s must hold one element an entry", names[i]);
+            goto done;
+        }
+    }
+    const uint64_t *words = AT(b[0], uint64_t);
+    const int64_t *counts = AT(b[1], int64_t), *ends_at = AT(b[2], int64_t);
+    const uint64_t *slot_bits = AT(b[3], uint64_t);
+    int64_t *off = AT(b[4], int64_t), *size = AT(b[5], int64_t), *flags = AT(b[6], int64_t);
+    uint64_t *aux = AT(b[7], uint64_t);
+    int64_t *src = AT(b[8], int64_t);
+    uint64_t *ref = AT(b[9], uint64_t);
+    Py_ssize_t i = 0;
+    for (Py_ssize_t s = 0; s < nsources; s++) {
+        int64_t n = counts[s];
+        if (n < 0 || n > total - i) {
+            PyErr_SetString(PyExc_ValueError, "counts exceed the index words");
+            goto done;
+        }
+        for (Py_ssize_t k = i; k < i + n; k++) {
+            uint64_t w = words[k];
+            int64_t at = (int64_t)(w >> IDX_OFFSET_SHIFT);
+            int64_t next = k + 1 < i + n ? (int64_t)(words[k + 1] >> IDX_OFFSET_SHIFT) : ends_at[s];
+            if (next <= at) {
+                PyErr_Format(PyExc_ValueError, "entry %zd of source %zd: size not positive", k - i,
+                             s);
+                goto done;
+            }
+            off[k] = at;
+            size[k] = next - at;
+            flags[k] = (int64_t)(w & IDX_FLAGS_MASK);
+            aux[k] = (w >> IDX_SHIFT) & IDX_AUX_MASK;
+            src[k] = s;
+            ref[k] = slot_bits[s] | (uint64_t)at;
+        }
+        i += n;
+    }
+    if (i != total) {
+        PyErr_SetString(PyExc_ValueError, "counts do not cover the index words");
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    release_all(b, DECODE_NARGS);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"compact_range", (PyCFunction)(void (*)(void))compact_range, METH_FASTCALL,
      compact_range_doc},
@@ -710,6 +797,7 @@ static PyMethodDef methods[] = {
     {"place_entries", (PyCFunction)(void (*)(void))place_entries, METH_FASTCALL,
      place_entries_doc},
     {"entry_stamps", (PyCFunction)(void (*)(void))entry_stamps, METH_FASTCALL, entry_stamps_doc},
+    {"decode_index", (PyCFunction)(void (*)(void))decode_index, METH_FASTCALL, decode_index_doc},
     {NULL, NULL, 0, NULL},
 };
 

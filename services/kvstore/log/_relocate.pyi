@@ -66,3 +66,16 @@ def place_entries(
     acct: Any,
     /,
 ) -> int: ...
+def decode_index(
+    words: Any,
+    counts: Any,
+    ends_at: Any,
+    slot_bits: Any,
+    off: Any,
+    size: Any,
+    flags: Any,
+    aux: Any,
+    src: Any,
+    ref: Any,
+    /,
+) -> None: ...

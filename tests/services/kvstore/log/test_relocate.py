@@ -119,6 +119,7 @@ def test_c_path_is_used_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
         live_slots = staticmethod(_relocate.live_slots)
         entry_stamps = staticmethod(_relocate.entry_stamps)
         place_entries = staticmethod(_relocate.place_entries)
+        decode_index = staticmethod(_relocate.decode_index)
 
         @staticmethod
         def compact_range(*args: object) -> tuple[int, ...]:
@@ -156,6 +157,7 @@ def test_combined_cleaning_probes_reads_timestamps_and_places_in_c(
             "live_slots": counted("live_slots"),
             "entry_stamps": counted("entry_stamps"),
             "place_entries": counted("place_entries"),
+            "decode_index": staticmethod(_relocate.decode_index),
         },
     )
     monkeypatch.setattr(_cleaner, "_relocate", spy)
@@ -464,6 +466,8 @@ def test_the_cleaner_turns_a_refusal_into_an_internal_error(
     om = _store(clock)
 
     class Refusing:
+        decode_index = staticmethod(_relocate.decode_index)
+
         @staticmethod
         def compact_range(*args: object) -> tuple[int, ...]:
             raise ValueError("target of source 0 lacks room")
@@ -471,3 +475,89 @@ def test_the_cleaner_turns_a_refusal_into_an_internal_error(
     monkeypatch.setattr(_cleaner, "_relocate", Refusing)
     with pytest.raises(InternalError, match="compaction batch refused"):
         _drive(om, clock, 7, 6000, {})
+
+
+def _words(entries: list[tuple[int, int, int]]) -> np.ndarray:
+    """Index words of (offset, aux, flags) entries."""
+    return np.array([off << 40 | aux << 3 | flags for off, aux, flags in entries], dtype=np.uint64)
+
+
+def _decoded(
+    words: np.ndarray, counts: list[int], ends_at: list[int], slots: list[int]
+) -> dict[str, list[int]]:
+    n = len(words)
+    out = {name: np.full(n, 99, dtype=np.int64) for name in ("off", "size", "flags", "src")}
+    out |= {name: np.full(n, 99, dtype=np.uint64) for name in ("aux", "ref")}
+    _relocate.decode_index(
+        words,
+        np.array(counts, dtype=np.int64),
+        np.array(ends_at, dtype=np.int64),
+        np.array([slot << 24 for slot in slots], dtype=np.uint64),
+        out["off"],
+        out["size"],
+        out["flags"],
+        out["aux"],
+        out["src"],
+        out["ref"],
+    )
+    return {name: a.tolist() for name, a in out.items()}
+
+
+def test_decode_index_sizes_each_entry_to_the_next_or_the_source_end() -> None:
+    aux_max = (1 << 37) - 1
+    words = _words([(40, 7, 0), (100, 3, 1), (150, aux_max, 2), (40, 5, 4)])
+    got = _decoded(words, [3, 0, 1], [400, 0, 90], [5, 6, 9])
+    assert got["off"] == [40, 100, 150, 40]
+    assert got["size"] == [60, 50, 250, 50]
+    assert got["flags"] == [0, 1, 2, 4]
+    assert got["aux"] == [7, 3, aux_max, 5]
+    assert got["src"] == [0, 0, 0, 2]
+    assert got["ref"] == [5 << 24 | 40, 5 << 24 | 100, 5 << 24 | 150, 9 << 24 | 40]
+
+
+@pytest.mark.parametrize(
+    ("counts", "ends_at", "match"),
+    [
+        ([2, 1], [200, 100], "counts exceed"),
+        ([1], [200], "disagree"),
+        ([1, 0], [200, 0], "do not cover"),
+        ([1, 0], [40, 0], "size not positive"),
+    ],
+)
+def test_decode_index_rejects_inconsistent_arguments(
+    counts: list[int], ends_at: list[int], match: str
+) -> None:
+    words = _words([(40, 1, 0), (100, 2, 0)])[: 1 if match == "size not positive" else 2]
+    if match == "disagree":
+        ends_at = [200, 300]
+    with pytest.raises(ValueError, match=match):
+        _decoded(words, counts, ends_at, [1] * len(counts))
+
+
+def test_decode_index_rejects_an_entry_that_does_not_advance() -> None:
+    with pytest.raises(ValueError, match="size not positive"):
+        _decoded(_words([(40, 1, 0), (40, 2, 0)]), [2], [100], [1])
+
+
+def test_c_pass_entries_equal_the_numpy_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass's per-entry arrays (all of several sources, and a span of one) are the same
+    whether the C loop or numpy decodes the index."""
+    clock = Clock()
+    om = _store(clock)
+    _drive(om, clock, 4, 2000, {})
+    sources = [s for s in om.log.segments.values() if len(s.idx)][:6]
+    assert len(sources) >= 3
+    one = max(sources, key=lambda s: len(s.idx))
+    spans = [(0, len(one.idx)), (1, len(one.idx) - 1), (2, 3)]
+
+    def arrays(e: object) -> tuple[object, ...]:
+        return tuple(
+            (name, np.asarray(getattr(e, name)).tolist())
+            for name in ("off", "size", "flags", "aux", "src", "ref", "first", "ends", "count")
+        )
+
+    c_all = arrays(_cleaner._Entries(sources))
+    c_spans = [arrays(_cleaner._Entries([one], span)) for span in spans]
+    monkeypatch.setattr(_cleaner, "_relocate", None)
+    assert arrays(_cleaner._Entries(sources)) == c_all
+    assert [arrays(_cleaner._Entries([one], span)) for span in spans] == c_spans
