@@ -258,6 +258,13 @@ class _Entries:
     come from the index (``aux`` gets the key hash filled in for unhashed objects).
     """
 
+    off: np.ndarray
+    size: np.ndarray
+    flags: np.ndarray
+    aux: np.ndarray
+    src: np.ndarray
+    ref: np.ndarray
+
     def __init__(self, sources: list[Segment], span: tuple[int, int] | None = None) -> None:
         """Every entry of ``sources``; or, with ``span = (start, stop)``, entries
         ``[start, stop)`` of the one source."""
@@ -280,12 +287,7 @@ class _Entries:
         slot_bits = [seg.slot << OFFSET_BITS for seg in sources]
         if _c_kernel():  # one C loop instead of a dozen numpy passes (~5% of the cleaner's time)
             assert _relocate is not None
-            self.off = np.empty(total, dtype=np.int64)
-            self.size = np.empty(total, dtype=np.int64)
-            self.flags = np.empty(total, dtype=np.int64)
-            self.aux = np.empty(total, dtype=np.uint64)
-            self.src = np.empty(total, dtype=np.int64)
-            self.ref = np.empty(total, dtype=np.uint64)
+            self.allocate(total)
             try:
                 _relocate.decode_index(
                     words,
@@ -313,6 +315,15 @@ class _Entries:
         self.aux = (words >> _SHIFT) & _AUX_MASK
         self.src = np.repeat(np.arange(len(sources), dtype=np.int64), counts)
         self.ref = np.array(slot_bits, dtype=np.uint64)[self.src] | off.astype(np.uint64)
+
+    def allocate(self, total: int) -> None:
+        """Fresh (unfilled) arrays for ``total`` entries."""
+        self.off = np.empty(total, dtype=np.int64)
+        self.size = np.empty(total, dtype=np.int64)
+        self.flags = np.empty(total, dtype=np.int64)
+        self.aux = np.empty(total, dtype=np.uint64)
+        self.src = np.empty(total, dtype=np.int64)
+        self.ref = np.empty(total, dtype=np.uint64)
 
     def keep(self, ids: np.ndarray, source: int) -> None:
         """Keep entries ``ids`` only (of a one-source block, numbered ``source`` in its pass)."""
@@ -1368,12 +1379,7 @@ class LogCleaner:
         if e is None:
             total = sum(len(seg.idx) for seg in job.sources)
             e = _Entries([job.sources[0]], (0, 0))
-            e.off = np.empty(total, dtype=np.int64)
-            e.size = np.empty(total, dtype=np.int64)
-            e.flags = np.empty(total, dtype=np.int64)
-            e.aux = np.empty(total, dtype=np.uint64)
-            e.ref = np.empty(total, dtype=np.uint64)
-            e.src = np.empty(total, dtype=np.int64)
+            e.allocate(total)
             e.count = 0
             e.first = []
             e.ends = []

@@ -69,6 +69,23 @@ get(Buf *b, PyObject *obj, int writable, Py_ssize_t itemsize, const char *what)
     return 0;
 }
 
+/* The buffers of ``args[0..n)`` named in ``names`` ("" skips a non-buffer argument): bit i of
+ * ``writable`` asks for a writable one; "arena" is bytes, the rest 8-byte items. */
+static int
+get_named(Buf *b, PyObject *const *args, const char *const *names, int n, uint32_t writable)
+{
+    for (int i = 0; i < n; i++) {
+        if (names[i][0] == '\0') {
+            continue;
+        }
+        int bytes = strcmp(names[i], "arena") == 0;
+        if (get(&b[i], args[i], (int)((writable >> i) & 1), bytes ? 1 : 8, names[i]) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
 #define COUNT(b, type) ((b).view.len / (Py_ssize_t)sizeof(type))
 #define AT(b, type) ((type *)(b).view.buf)
 
@@ -237,14 +254,9 @@ compact_range(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         "arena", "", "bases", "", "src_first", "dst_first", "dst_length", "dst_limit",
         "dst_bits", "", "src", "off", "size", "flags", "aux", "ref", "main", "ovf", "present",
         "words", "acct", "", "", "", "", ""};
-    for (int i = 0; i <= 20; i++) {
-        if (names[i][0] == '\0') {
-            continue;
-        }
-        int writable = i == 0 || i == 6 || i == 16 || i == 17 || i == 19 || i == 20;
-        if (get(&b[i], args[i], writable, i == 0 ? 1 : 8, names[i]) < 0) {
-            goto done;
-        }
+    uint32_t writable = 1u << 0 | 1u << 6 | 1u << 16 | 1u << 17 | 1u << 19 | 1u << 20;
+    if (get_named(b, args, names, 21, writable) < 0) {
+        goto done;
     }
     unsigned char *arena = (unsigned char *)b[0].view.buf;
     Py_ssize_t arena_len = b[0].view.len;
@@ -432,10 +444,8 @@ live_slots(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     static const char *names[LIVE_NARGS] = {"flags", "aux", "ref", "ids",
                                             "main", "ovf", "present", "out"};
-    for (int i = 0; i < LIVE_NARGS; i++) {
-        if (get(&b[i], args[i], i == 7, 8, names[i]) < 0) {
-            goto done;
-        }
+    if (get_named(b, args, names, LIVE_NARGS, 1u << 7) < 0) {
+        goto done;
     }
     Py_ssize_t count = COUNT(b[0], int64_t);
     if (COUNT(b[1], uint64_t) != count || COUNT(b[2], uint64_t) != count) {
@@ -613,14 +623,9 @@ place_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     static const char *names[PLACE_NARGS] = {
         "arena", "", "bases", "src_first", "", "", "", "ids", "slots", "src", "off", "size",
         "flags", "aux", "main", "ovf", "words", "acct"};
-    for (int i = 0; i < PLACE_NARGS; i++) {
-        if (names[i][0] == '\0') {
-            continue;
-        }
-        int writable = i == 0 || i == 14 || i == 15 || i == 16 || i == 17;
-        if (get(&b[i], args[i], writable, i == 0 ? 1 : 8, names[i]) < 0) {
-            goto done;
-        }
+    uint32_t writable = 1u << 0 | 1u << 14 | 1u << 15 | 1u << 16 | 1u << 17;
+    if (get_named(b, args, names, PLACE_NARGS, writable) < 0) {
+        goto done;
     }
     unsigned char *arena = (unsigned char *)b[0].view.buf;
     Py_ssize_t arena_len = b[0].view.len;
@@ -730,10 +735,8 @@ decode_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     static const char *names[DECODE_NARGS] = {"words", "counts", "ends_at", "slot_bits", "off",
                                               "size", "flags", "aux", "src", "ref"};
-    for (int i = 0; i < DECODE_NARGS; i++) {
-        if (get(&b[i], args[i], i >= 4, 8, names[i]) < 0) {
-            goto done;
-        }
+    if (get_named(b, args, names, DECODE_NARGS, ~UINT32_C(0) << 4) < 0) {
+        goto done;
     }
     Py_ssize_t total = COUNT(b[0], uint64_t);
     Py_ssize_t nsources = COUNT(b[1], int64_t);
